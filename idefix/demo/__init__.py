@@ -1,0 +1,1 @@
+"""The demo model that ships with idefix, and the tools that build it."""
