@@ -1,0 +1,78 @@
+"""Idefics3ForConditionalGeneration: vision tower + connector + Llama decoder + LM head.
+
+Module names match the hub checkpoints (`model.vision_model.*`, `model.connector.*`,
+`model.text_model.*`, `lm_head`), so weights load by name without a renaming table.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from idefix.model.attention import AttentionBatch, KVCache
+from idefix.model.config import Idefics3Config
+from idefix.model.connector import Connector
+from idefix.model.llama import LlamaModel
+from idefix.model.siglip import VisionTransformer
+
+
+class Idefics3Inner(nn.Module):
+    """`model.*` in the checkpoint."""
+
+    def __init__(self, config: Idefics3Config) -> None:
+        super().__init__()
+        self.vision_model = VisionTransformer(config.vision)
+        self.connector = Connector(config)
+        self.text_model = LlamaModel(config.text)
+
+
+class Idefics3Model(nn.Module):
+    def __init__(self, config: Idefics3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Idefics3Inner(config)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def new_cache(self, num_slots: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        text = self.config.text
+        return KVCache(
+            text.num_hidden_layers,
+            num_slots,
+            text.num_key_value_heads,
+            max_len,
+            text.head_dim,
+            dtype or self.dtype,
+            self.device,
+        )
+
+    def encode_images(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
+        """Tiles [N, 3, H, W] + mask [N, H, W] -> image token embeddings [N, image_seq_len, text_hidden]."""
+        features = self.model.vision_model(pixel_values.to(self.dtype), pixel_mask)
+        return self.model.connector(features)
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings [B, T, hidden] with `<image>` positions replaced, in order, by image_embeds rows."""
+        embeds = self.model.text_model.embed_tokens(input_ids)
+        if image_embeds is None:
+            return embeds
+        is_image = input_ids == self.config.image_token_id
+        count = int(is_image.sum())
+        rows = image_embeds.reshape(-1, image_embeds.shape[-1])
+        if count != rows.shape[0]:
+            raise ValueError(f"{count} <image> tokens in the prompt but {rows.shape[0]} image embeddings")
+        return embeds.masked_scatter(is_image[..., None], rows.to(embeds.dtype))
+
+    def forward(self, embeds: torch.Tensor, cache: KVCache, at: AttentionBatch) -> torch.Tensor:
+        """embeds [B, T, hidden] -> last hidden states [B, T, hidden]; logits are `self.logits(...)`."""
+        return self.model.text_model(embeds, cache, at)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

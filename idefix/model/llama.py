@@ -1,0 +1,75 @@
+"""The Llama text decoder (grouped-query attention, RoPE, RMSNorm), reading and writing a slot KV cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from idefix.model.attention import AttentionBatch, KVCache, write_and_attend
+from idefix.model.config import TextConfig
+from idefix.model.layers import GatedMLP, RMSNorm, Rotary, apply_rotary
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        hidden, dim, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, dim
+        self.q_proj = nn.Linear(hidden, self.heads * dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * dim, hidden, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        pools: tuple[torch.Tensor, torch.Tensor],
+        at: AttentionBatch,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = write_and_attend(q, k, v, pools[0], pools[1], at)  # [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        pools: tuple[torch.Tensor, torch.Tensor],
+        at: AttentionBatch,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, pools, at)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """`model.text_model` in the checkpoint: embeddings, decoder layers, final norm."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = Rotary(config)
+
+    def forward(self, embeds: torch.Tensor, cache: KVCache, at: AttentionBatch) -> torch.Tensor:
+        """embeds [B, T, hidden] -> final hidden states [B, T, hidden]."""
+        rope = self.rotary(at.positions, embeds.dtype)
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, (cache.k[i], cache.v[i]), at)
+        return self.norm(x)

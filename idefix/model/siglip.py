@@ -1,0 +1,116 @@
+"""The SigLIP vision tower as Idefics3 uses it: variable-size tiles with a patch attention mask."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from idefix.model.config import VisionConfig
+from idefix.model.layers import activation
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.per_side = config.patches_per_side
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.position_embedding = nn.Embedding(self.per_side**2, config.hidden_size)
+
+    def forward(self, pixels: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+        """pixels [N, C, H, W], patch_mask [N, H/p, W/p] bool -> [N, H/p * W/p, hidden]."""
+        embeds = self.patch_embedding(pixels).flatten(2).transpose(1, 2)
+        return embeds + self.position_embedding(self.position_ids(patch_mask))
+
+    def position_ids(self, patch_mask: torch.Tensor) -> torch.Tensor:
+        # A tile of h x w real patches is spread over the full per_side x per_side position grid
+        # (NaViT-style fractional coordinates), exactly as the reference buckets them.
+        n, rows, cols = patch_mask.shape
+        device = patch_mask.device
+        boundaries = torch.arange(1 / self.per_side, 1.0, 1 / self.per_side, device=device)
+        real_h = patch_mask[:, :, 0].sum(dim=1)  # [N]
+        real_w = patch_mask[:, 0, :].sum(dim=1)
+        frac_h = torch.arange(rows, device=device, dtype=torch.float32)[None] * (1.0 / real_h)[:, None]
+        frac_w = torch.arange(cols, device=device, dtype=torch.float32)[None] * (1.0 / real_w)[:, None]
+        bucket_h = torch.bucketize(frac_h.clamp(max=1.0 - 1e-6), boundaries, right=True)
+        bucket_w = torch.bucketize(frac_w.clamp(max=1.0 - 1e-6), boundaries, right=True)
+        ids = (bucket_h[:, :, None] * self.per_side + bucket_w[:, None, :]).reshape(n, -1)
+        return torch.where(patch_mask.reshape(n, -1), ids, torch.zeros_like(ids))
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.q_proj = nn.Linear(hidden, hidden)
+        self.k_proj = nn.Linear(hidden, hidden)
+        self.v_proj = nn.Linear(hidden, hidden)
+        self.out_proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        n, t, _ = x.shape
+        q, k, v = (p(x).view(n, t, self.heads, self.head_dim).transpose(1, 2) for p in self._qkv())
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [N, heads, T, D]
+        return self.out_proj(out.transpose(1, 2).reshape(n, t, -1))
+
+    def _qkv(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        return self.q_proj, self.k_proj, self.v_proj
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionEncoderLayer(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.self_attn = VisionAttention(config)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = VisionMLP(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), mask)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(VisionEncoderLayer(config) for _ in range(config.num_hidden_layers))
+
+
+class VisionTransformer(nn.Module):
+    """`model.vision_model` in the checkpoint."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = VisionEmbeddings(config)
+        self.encoder = VisionEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, pixels: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
+        """pixels [N, C, H, W], pixel_mask [N, H, W] bool -> patch features [N, H/p * W/p, hidden]."""
+        p = self.config.patch_size
+        n, rows, cols = pixels.shape[0], pixels.shape[2] // p, pixels.shape[3] // p
+        # A patch is real when any of its pixels is; a remainder smaller than a patch is dropped, as the conv does.
+        cropped = pixel_mask[:, : rows * p, : cols * p]
+        patch_mask = cropped.reshape(n, rows, p, cols, p).any(dim=4).any(dim=2)
+        x = self.embeddings(pixels, patch_mask)
+        flat = patch_mask.reshape(n, 1, 1, -1)
+        attn_mask = None if bool(flat.all()) else flat  # padded patches are never attended to
+        for layer in self.encoder.layers:
+            x = layer(x, attn_mask)
+        return self.post_layernorm(x)

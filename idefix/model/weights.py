@@ -1,0 +1,137 @@
+"""Load a hub-format checkpoint into our modules: build on `meta`, then assign each tensor once.
+
+Every tensor is checked against the module built from config.json; a missing, unexpected or
+mis-shaped tensor is a `ModelLoadError` naming it and the expected shape.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from tqdm import tqdm
+
+from idefix.errors import ModelLoadError
+from idefix.model.config import Idefics3Config
+from idefix.model.idefics3 import Idefics3Model
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+LM_HEAD = "lm_head.weight"
+EMBED_TOKENS = "model.text_model.embed_tokens.weight"
+
+
+def resolve_dtype(name: str | torch.dtype, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    """`auto` means fp32 on CPU (fast and exact there) and the checkpoint's own dtype on accelerators."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else checkpoint_dtype
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {name!r}; choose auto, {', '.join(sorted(DTYPES))}") from None
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, from its index when sharded."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{index} is malformed: {exc}") from None
+        files = sorted({model_dir / name for name in weight_map.values()})
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in {model_dir}")
+    for file in files:
+        if not file.exists():
+            raise ModelLoadError(f"{file} is listed in the checkpoint index but missing")
+    return files
+
+
+def _tensors(files: list[Path]) -> Iterator[tuple[str, Path, torch.Tensor]]:
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    yield name, file, handle.get_tensor(name)
+        except SafetensorError as exc:
+            raise ModelLoadError(f"{file} is not a readable safetensors file ({exc}); re-download it") from None
+
+
+def _checkpoint_dtype(files: list[Path]) -> torch.dtype:
+    """The dtype the checkpoint stores its first floating tensor in (read from the header only)."""
+    try:
+        with safe_open(str(files[0]), framework="pt", device="cpu") as handle:
+            stored = {handle.get_slice(name).get_dtype() for name in handle.keys()}  # noqa: SIM118
+    except SafetensorError as exc:
+        raise ModelLoadError(f"{files[0]} is not a readable safetensors file ({exc}); re-download it") from None
+    for code, dtype in (("BF16", torch.bfloat16), ("F16", torch.float16)):
+        if code in stored:
+            return dtype
+    return torch.float32
+
+
+def load_model(
+    model_dir: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Idefics3Model:
+    """Build the model from `model_dir/config.json` and load its safetensors weights."""
+    model_dir, device = Path(model_dir), torch.device(device)
+    config = Idefics3Config.from_dir(model_dir)
+    files = checkpoint_files(model_dir)
+    target = resolve_dtype(dtype, device, _checkpoint_dtype(files))
+    with torch.device("meta"):
+        model = Idefics3Model(config)
+    expected = dict(model.state_dict(keep_vars=True))
+    if config.tie_word_embeddings:
+        expected.pop(LM_HEAD)
+    loaded: set[str] = set()
+    bar = tqdm(total=len(expected), desc="Loading weights", unit="tensor", disable=not progress, leave=False)
+    for name, file, tensor in _tensors(files):
+        if name == LM_HEAD and config.tie_word_embeddings:
+            continue  # tied checkpoints may still carry a copy; the embedding is the source of truth
+        if name not in expected:
+            raise ModelLoadError(f"{file.name}: unexpected tensor {name!r} {tuple(tensor.shape)} for this config")
+        want = expected[name]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise ModelLoadError(
+                f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies {tuple(want.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise ModelLoadError(f"{file.name}: tensor {name!r} has dtype {tensor.dtype}, expected a float type")
+        _assign(model, name, tensor.to(device=device, dtype=target))
+        loaded.add(name)
+        bar.update()
+    bar.close()
+    missing = [f"{name} {tuple(expected[name].shape)}" for name in expected if name not in loaded]
+    if missing:
+        raise ModelLoadError(f"checkpoint in {model_dir} lacks {len(missing)} tensor(s): {', '.join(missing[:5])}")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.text_model.embed_tokens.weight
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[leaf] = tensor

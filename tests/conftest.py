@@ -1,0 +1,26 @@
+"""Shared fixtures: random-weight checkpoints, built once per test run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.checkpoints import SPECS, Spec, build_checkpoint
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session", params=SPECS, ids=[spec.name for spec in SPECS])
+def checkpoint(request: pytest.FixtureRequest, checkpoint_root: Path) -> tuple[Spec, Path]:
+    spec: Spec = request.param
+    path = checkpoint_root / spec.name
+    if not path.exists():
+        build_checkpoint(spec, path)
+    return spec, path
