@@ -1,0 +1,1 @@
+"""Prompt and image preprocessing: chat template, tokenizer, Idefics3 image tiles."""
