@@ -1,0 +1,155 @@
+"""Train the tiny Idefics3 demo model that ships in idefix/demo/model/.
+
+    python demo/train.py                      # the shipped model (seeded, reproducible)
+    python demo/train.py --steps 200 --out runs/smoke
+
+Builds the tokenizer and processor files first, then trains `transformers.Idefics3ForConditionalGeneration`
+on conversations from `idefix.demo.scenes`, encoded by the saved processor exactly as at inference time,
+with the loss on the assistant answers and their `<end_of_utterance>` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoProcessor, Idefics3Config, Idefics3ForConditionalGeneration
+
+# Runs from a checkout without installing: the repo root for `idefix`, this folder for `build`.
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+import build  # noqa: E402
+
+from idefix.demo import scenes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# Counting and comparing are the hardest skills for a tiny model, so they get more of the data.
+KIND_WEIGHTS = {
+    "shape": 1,
+    "colour": 1,
+    "count": 3,
+    "position": 1.5,
+    "presence": 1.5,
+    "colour_of_shape": 1.5,
+    "describe": 1.5,
+    "two_image": 2.5,
+    "multi_turn": 1.5,
+}
+
+
+def answer_mask(input_ids: torch.Tensor, assistant: list[int], eos: int) -> torch.Tensor:
+    """True on the tokens after each "Assistant:" up to and including the next <end_of_utterance>."""
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    n = len(assistant)
+    for b, row in enumerate(input_ids.tolist()):
+        inside = False
+        for i, tok in enumerate(row):
+            if inside:
+                mask[b, i] = True
+                inside = tok != eos
+            elif i >= n and row[i - n + 1 : i + 1] == assistant:
+                inside = True
+    return mask
+
+
+def training_example(rng: random.Random, kinds: list[str]) -> scenes.Example:
+    """An example of a random kind; half the single-image ones get 1-2 extra questions about the same
+    image, so that one (costly) image encode feeds several answers."""
+    kind = rng.choices(kinds, weights=[KIND_WEIGHTS[k] for k in kinds])[0]
+    example = scenes.make_example(rng, kind)
+    if kind in scenes.KINDS and rng.random() < 0.5:
+        extra = tuple(scenes.extra_turn(rng, example.scenes[0]) for _ in range(rng.randint(1, 2)))
+        example = scenes.Example(kind, example.scenes, example.turns + extra)
+    return example
+
+
+def make_batch(processor, rng: random.Random, size: int, assistant: list[int], eos: int) -> dict:
+    # Two-image conversations are twice as long; batching them apart keeps padding small.
+    two = rng.random() < KIND_WEIGHTS["two_image"] / sum(KIND_WEIGHTS.values())
+    kinds = ["two_image"] if two else [k for k in KIND_WEIGHTS if k != "two_image"]
+    examples = [training_example(rng, kinds) for _ in range(size)]
+    texts = [processor.apply_chat_template(scenes.to_messages(e)) for e in examples]
+    images = [[scenes.render(s) for s in e.scenes] for e in examples]
+    batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(~answer_mask(batch["input_ids"], assistant, eos), -100)
+    return {**batch, "labels": labels}
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def save_weights(model: torch.nn.Module, out: Path) -> None:
+    # Plain safetensors with the hub's tensor names; save_pretrained would rewrite config.json in the
+    # transformers-5 layout, and the shipped folder keeps the hub-era one.
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def train(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    build.build_folder(out, args.seed)
+    processor = AutoProcessor.from_pretrained(out)
+    model = Idefics3ForConditionalGeneration(Idefics3Config.from_pretrained(out))
+    print(f"parameters: {sum(p.numel() for p in model.parameters()):,}", flush=True)
+    tok = processor.tokenizer
+    assistant = tok.encode("Assistant:", add_special_tokens=False)
+    eos = tok.convert_tokens_to_ids(build.EOS)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optim = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
+    rng = random.Random(args.seed)
+    start, log = time.time(), []
+    model.train()
+    for step in range(args.steps):
+        batch = make_batch(processor, rng, args.batch, assistant, eos)
+        for group in optim.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        log.append(loss.item())
+        if (step + 1) % args.log_every == 0:
+            recent = sum(log[-args.log_every :]) / args.log_every
+            print(f"step {step + 1} loss {recent:.4f} elapsed {time.time() - start:.0f}s", flush=True)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_weights(model, out)
+    summary = {"steps": args.steps, "seconds": round(time.time() - start), "final_loss": log[-1]}
+    print(json.dumps(summary), flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--out", default=str(ROOT / "idefix" / "demo" / "model"))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    # Off by default: at these small matrix sizes bf16 autocast measured slower on CPU than fp32.
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--save-every", type=int, default=250)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    train(parse_args())
