@@ -1,9 +1,12 @@
 """KV cache storage and the attention call used by the text decoder.
 
-The cache is one preallocated pool per layer, addressed by *slot* (one slot per running sequence) and
-position: K and V are [num_slots, kv_heads, max_len, head_dim]. Nothing is reallocated per token; the
-engine assigns slots, the model writes new K/V at the given positions and attends over the first
-`context_len` positions of each row's slot.
+The cache is one preallocated pool per layer, addressed by *slot* (one slot per sequence) and position:
+K and V are [num_slots, kv_heads, max_len, head_dim]. Nothing is reallocated per token.
+
+A forward pass works on a flat run of N new tokens from several sequences (no padding): first the
+decode rows (one token each), then prefill segments (a chunk of one sequence's prompt each). Every new
+token's K/V is written at (slot, position) in one indexed store; then the decode rows attend in one
+batched call over a contiguous range of slots, and each prefill segment over its own slot.
 """
 
 from __future__ import annotations
@@ -36,52 +39,102 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def copy(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst` (prefix sharing)."""
+        for pool in self.k + self.v:
+            pool[dst, :, :length] = pool[src, :, :length]
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    """`count` one-token rows, flat tokens [0, count), attended in one call over slots [lo, hi).
+
+    rows:        [count] slot - lo of each row (distinct).
+    context_len: keys read per slot (the longest row's context).
+    mask:        [hi - lo, 1, 1, context_len] bool, True where a key is visible; None when every slot in
+                 the range is a row that sees exactly context_len keys. Slots in the range without a row
+                 see key 0 only, so their (discarded) output stays finite.
+    """
+
+    count: int
+    lo: int
+    hi: int
+    rows: torch.Tensor
+    context_len: int
+    mask: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class Segment:
+    """`length` new tokens of one sequence at flat tokens [offset, offset + length), positions
+    start .. start + length - 1 of `slot`. mask: [1, 1, length, start + length] bool when start > 0."""
+
+    offset: int
+    length: int
+    slot: int
+    start: int
+    mask: torch.Tensor | None
+
 
 @dataclass(frozen=True)
 class AttentionBatch:
-    """Where a forward pass reads and writes the cache; built by whoever drives the model.
-
-    positions:   [B, T] absolute position of each new token in its sequence (rope angle and cache row).
-    slots:       [B] cache slot of each row.
-    context_len: number of cache positions attended to (the longest row's length after this step).
-    mask:        [B, 1, T, context_len] bool, True where a query may attend; None means plain causal
-                 attention over a batch whose rows all start at position 0 and have equal length, or a
-                 single decode row that sees its whole context.
-    slot_range:  (start, stop) when `slots` are consecutive, so the cache is read as a view, not a copy.
-    """
+    """Where a forward pass writes and reads the cache. positions, slots: [N] per new token."""
 
     positions: torch.Tensor
     slots: torch.Tensor
-    context_len: int
-    mask: torch.Tensor | None
-    slot_range: tuple[int, int] | None
+    decode: DecodeGroup | None
+    segments: tuple[Segment, ...]
 
     @classmethod
     def single(cls, slot: int, start: int, length: int, device: torch.device | str = "cpu") -> AttentionBatch:
         """One sequence in `slot`, writing positions start .. start+length-1 and seeing all before them."""
-        positions = torch.arange(start, start + length, device=device)[None]
-        mask = None
-        if start > 0 and length > 1:
-            keys = torch.arange(start + length, device=device)
-            mask = (keys[None, :] <= positions[0, :, None])[None, None]
-        slots = torch.tensor([slot], device=device)
-        return cls(positions, slots, start + length, mask, (slot, slot + 1))
+        positions = torch.arange(start, start + length, device=device)
+        slots = torch.full((length,), slot, device=device)
+        if length == 1:
+            rows = torch.zeros(1, dtype=torch.long, device=device)
+            return cls(positions, slots, DecodeGroup(1, slot, slot + 1, rows, start + 1, None), ())
+        return cls(positions, slots, None, (segment(0, length, slot, start, device),))
+
+
+def segment(offset: int, length: int, slot: int, start: int, device: torch.device | str = "cpu") -> Segment:
+    """A prefill segment with its causal mask (None when it starts at position 0: plain causal attention)."""
+    mask = None
+    if start > 0:
+        keys = torch.arange(start + length, device=device)
+        queries = torch.arange(start, start + length, device=device)
+        mask = (keys[None, :] <= queries[:, None])[None, None]
+    return Segment(offset, length, slot, start, mask)
 
 
 def write_and_attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, at: AttentionBatch
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pools: tuple[torch.Tensor, torch.Tensor],
+    at: AttentionBatch,
 ) -> torch.Tensor:
-    """Store the new k, v [B, Hkv, T, D] in the pools, then attend q [B, H, T, D] over the cached context."""
-    rows = at.slots[:, None].expand_as(at.positions)
-    # Advanced indices around a slice put [B, T] first: the pools see [B, T, Hkv, D].
-    k_pool[rows, :, at.positions] = k.transpose(1, 2)
-    v_pool[rows, :, at.positions] = v.transpose(1, 2)
-    if at.slot_range is not None:
-        start, stop = at.slot_range
-        keys, values = k_pool[start:stop, :, : at.context_len], v_pool[start:stop, :, : at.context_len]
-    else:
-        keys, values = k_pool[at.slots, :, : at.context_len], v_pool[at.slots, :, : at.context_len]
-    is_causal = at.mask is None and q.shape[2] > 1
-    return F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=at.mask, is_causal=is_causal, enable_gqa=q.shape[1] != keys.shape[1]
-    )
+    """Store new k, v [N, Hkv, D] in the pools, then attend q [N, H, D] over each token's context -> [N, H, D]."""
+    k_pool, v_pool = pools
+    # Advanced indices around a slice put N first: the pools see [N, Hkv, D].
+    k_pool[at.slots, :, at.positions] = k
+    v_pool[at.slots, :, at.positions] = v
+    gqa = q.shape[1] != k.shape[1]
+    out = torch.empty_like(q)
+    if at.decode is not None:
+        d = at.decode
+        keys, values = k_pool[d.lo : d.hi, :, : d.context_len], v_pool[d.lo : d.hi, :, : d.context_len]
+        queries = q[: d.count, :, None]  # [count, H, 1, D]
+        if d.count != d.hi - d.lo:
+            queries = q.new_zeros(d.hi - d.lo, *queries.shape[1:]).index_copy_(0, d.rows, queries)
+        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=d.mask, enable_gqa=gqa)
+        out[: d.count] = attended[d.rows, :, 0] if d.count != d.hi - d.lo else attended[:, :, 0]
+    for s in at.segments:
+        end = s.start + s.length
+        queries = q[s.offset : s.offset + s.length].transpose(0, 1)[None]  # [1, H, T, D]
+        keys, values = k_pool[s.slot : s.slot + 1, :, :end], v_pool[s.slot : s.slot + 1, :, :end]
+        causal = s.mask is None and s.length > 1
+        attended = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=s.mask, is_causal=causal, enable_gqa=gqa
+        )
+        out[s.offset : s.offset + s.length] = attended[0].transpose(0, 1)
+    return out

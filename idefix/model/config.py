@@ -8,7 +8,7 @@ configuration classes, so a key a checkpoint leaves out means what it means to t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -122,14 +122,14 @@ def _text_config(raw: dict[str, Any]) -> TextConfig:
 
 
 def _build(kind: type, raw: dict[str, Any], where: str) -> Any:
-    known = {name for name in kind.__dataclass_fields__}
+    known = {spec.name for spec in fields(kind)}
     values = {key: value for key, value in raw.items() if key in known and value is not None}
     try:
         config = kind(**values)
     except TypeError as exc:
         raise ModelLoadError(f"config.json {where} is malformed: {exc}") from None
-    for name, spec in kind.__dataclass_fields__.items():
-        value = getattr(config, name)
+    for spec in fields(kind):
+        value = getattr(config, spec.name)
         if spec.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ModelLoadError(f"config.json {where}.{name} must be a number, got {value!r}")
+            raise ModelLoadError(f"config.json {where}.{spec.name} must be a number, got {value!r}")
     return config

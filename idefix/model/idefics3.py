@@ -59,7 +59,7 @@ class Idefics3Model(nn.Module):
         return self.model.connector(features)
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings [B, T, hidden] with `<image>` positions replaced, in order, by image_embeds rows."""
+        """Token embeddings [N, hidden] of ids [N]; `<image>` positions take image_embeds rows, in order."""
         embeds = self.model.text_model.embed_tokens(input_ids)
         if image_embeds is None:
             return embeds
@@ -71,7 +71,7 @@ class Idefics3Model(nn.Module):
         return embeds.masked_scatter(is_image[..., None], rows.to(embeds.dtype))
 
     def forward(self, embeds: torch.Tensor, cache: KVCache, at: AttentionBatch) -> torch.Tensor:
-        """embeds [B, T, hidden] -> last hidden states [B, T, hidden]; logits are `self.logits(...)`."""
+        """embeds [N, hidden] -> last hidden states [N, hidden]; logits are `self.logits(...)`."""
         return self.model.text_model(embeds, cache, at)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -27,13 +27,12 @@ class LlamaAttention(nn.Module):
         pools: tuple[torch.Tensor, torch.Tensor],
         at: AttentionBatch,
     ) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.heads, self.head_dim)  # [N, H, D]
+        k = self.k_proj(x).view(n, self.kv_heads, self.head_dim)  # [N, Hkv, D]
+        v = self.v_proj(x).view(n, self.kv_heads, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = write_and_attend(q, k, v, pools[0], pools[1], at)  # [B, H, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(write_and_attend(q, k, v, pools, at).reshape(n, -1))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -67,7 +66,7 @@ class LlamaModel(nn.Module):
         self.rotary = Rotary(config)
 
     def forward(self, embeds: torch.Tensor, cache: KVCache, at: AttentionBatch) -> torch.Tensor:
-        """embeds [B, T, hidden] -> final hidden states [B, T, hidden]."""
+        """embeds [N, hidden] (flat new tokens, see AttentionBatch) -> final hidden states [N, hidden]."""
         rope = self.rotary(at.positions, embeds.dtype)
         x = embeds
         for i, layer in enumerate(self.layers):

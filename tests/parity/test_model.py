@@ -35,16 +35,16 @@ def _reference_inputs(path: Path, images: list[Image.Image]) -> dict:
 
 
 def _our_prefill(model: Idefics3Model, inputs: dict) -> tuple[torch.Tensor, object]:
-    ids = inputs["input_ids"]
+    ids = inputs["input_ids"][0]
     image_embeds = None
     if "pixel_values" in inputs:
         mask = inputs.get("pixel_attention_mask")
         pixels = inputs["pixel_values"][0]
         mask = torch.ones(pixels.shape[0], *pixels.shape[2:], dtype=torch.bool) if mask is None else mask[0].bool()
         image_embeds = model.encode_images(pixels, mask)
-    cache = model.new_cache(num_slots=1, max_len=ids.shape[1] + STEPS + 1)
-    hidden = model(model.embed(ids, image_embeds), cache, AttentionBatch.single(0, 0, ids.shape[1]))
-    return model.logits(hidden)[0], cache
+    cache = model.new_cache(num_slots=1, max_len=ids.shape[0] + STEPS + 1)
+    hidden = model(model.embed(ids, image_embeds), cache, AttentionBatch.single(0, 0, ids.shape[0]))
+    return model.logits(hidden), cache
 
 
 @pytest.mark.parametrize("num_images", [0, 1, 2])
@@ -68,8 +68,8 @@ def test_logits_and_greedy_tokens_match_reference(checkpoint: tuple[Spec, Path],
         ours = [int(logits[-1].argmax())]
         for step in range(1, STEPS):
             at = AttentionBatch.single(0, prompt_len + step - 1, 1)
-            token = generated[step - 1].view(1, 1)
-            step_logits = model.logits(model(model.embed(token), cache, at))[0, -1]
+            token = generated[step - 1].view(1)
+            step_logits = model.logits(model(model.embed(token), cache, at))[-1]
             assert (step_logits - ref.logits[step][0]).abs().max().item() <= TOL, f"step {step}"
             ours.append(int(step_logits.argmax()))
     assert ours == generated.tolist()

@@ -1,0 +1,5 @@
+import sys
+
+from idefix.cli import main
+
+sys.exit(main())
