@@ -30,14 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
+    from idefix.config import EngineConfig
+    from idefix.engine.engine import Engine
     from idefix.generate import stream
     from idefix.loading import load
+    from idefix.sampling import SamplingParams
 
     loaded = load(args.model_id, revision=args.revision, dtype=args.dtype, device=args.device)
+    engine = Engine(loaded, EngineConfig(max_num_seqs=1, cache_slots=0))
     content = [{"type": "image_url", "image_url": {"url": src}} for src in args.image]
     messages = [{"role": "user", "content": [*content, {"type": "text", "text": args.prompt}]}]
-    for delta in stream(loaded, messages, max_new_tokens=args.max_tokens):
-        print(delta, end="", flush=True)
+    for out in stream(engine, messages, SamplingParams(temperature=0, max_tokens=args.max_tokens)):
+        print(out.text, end="", flush=True)
     print()
 
 

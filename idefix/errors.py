@@ -25,3 +25,7 @@ class InvalidRequestError(IdefixError):
 
 class ContextLengthError(InvalidRequestError):
     """The prompt (plus the tokens asked for) does not fit the model's context."""
+
+
+class OverloadedError(IdefixError):
+    """The engine's waiting queue is full; retry later (the server answers 503 + Retry-After)."""

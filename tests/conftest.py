@@ -24,3 +24,13 @@ def checkpoint(request: pytest.FixtureRequest, checkpoint_root: Path) -> tuple[S
     if not path.exists():
         build_checkpoint(spec, path)
     return spec, path
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(checkpoint_root: Path) -> Path:
+    """The first spec's checkpoint, for tests that need one model rather than the matrix."""
+    spec = SPECS[0]
+    path = checkpoint_root / spec.name
+    if not path.exists():
+        build_checkpoint(spec, path)
+    return path

@@ -49,7 +49,7 @@ class KVCache:
 class DecodeGroup:
     """`count` one-token rows, flat tokens [0, count), attended in one call over slots [lo, hi).
 
-    rows:        [count] slot - lo of each row (distinct).
+    rows:        [count] slot - lo of each row, strictly ascending (so count == hi - lo means every slot).
     context_len: keys read per slot (the longest row's context).
     mask:        [hi - lo, 1, 1, context_len] bool, True where a key is visible; None when every slot in
                  the range is a row that sees exactly context_len keys. Slots in the range without a row

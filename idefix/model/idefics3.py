@@ -58,17 +58,21 @@ class Idefics3Model(nn.Module):
         features = self.model.vision_model(pixel_values.to(self.dtype), pixel_mask)
         return self.model.connector(features)
 
-    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings [N, hidden] of ids [N]; `<image>` positions take image_embeds rows, in order."""
+    def embed(
+        self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None, image_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings [N, hidden] of ids [N]; the positions in image_mask [N] bool (default: every
+        `<image>` id) take the rows of image_embeds [M, hidden], in order."""
         embeds = self.model.text_model.embed_tokens(input_ids)
         if image_embeds is None:
             return embeds
-        is_image = input_ids == self.config.image_token_id
-        count = int(is_image.sum())
+        if image_mask is None:
+            image_mask = input_ids == self.config.image_token_id
         rows = image_embeds.reshape(-1, image_embeds.shape[-1])
+        count = int(image_mask.sum())
         if count != rows.shape[0]:
             raise ValueError(f"{count} <image> tokens in the prompt but {rows.shape[0]} image embeddings")
-        return embeds.masked_scatter(is_image[..., None], rows.to(embeds.dtype))
+        return embeds.masked_scatter(image_mask[:, None], rows.to(embeds.dtype))
 
     def forward(self, embeds: torch.Tensor, cache: KVCache, at: AttentionBatch) -> torch.Tensor:
         """embeds [N, hidden] -> last hidden states [N, hidden]; logits are `self.logits(...)`."""

@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from idefix.engine.engine import Engine
 from idefix.generate import generate
 from idefix.loading import load
+from idefix.sampling import SamplingParams
 from tests.checkpoints import Spec
 
 transformers = pytest.importorskip("transformers")
@@ -37,7 +39,8 @@ def test_greedy_answer_matches_reference(checkpoint: tuple[Spec, Path]) -> None:
     if eos in expected:
         expected = expected[: expected.index(eos)]
 
-    result = generate(load(str(path), progress=False), messages, max_new_tokens=24)
+    engine = Engine(load(str(path), progress=False))
+    result = generate(engine, messages, SamplingParams(temperature=0, max_tokens=24))
     assert result.token_ids == expected
-    assert result.prompt_tokens == inputs["input_ids"].shape[1]
+    assert result.usage.prompt_tokens == inputs["input_ids"].shape[1]
     assert result.text == processor.tokenizer.decode(expected, skip_special_tokens=True)
