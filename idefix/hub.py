@@ -52,9 +52,7 @@ def resolve_model(model_id: str | None, revision: str | None = None, token: str 
     if model_id is None or model_id == DEMO_NAME:
         folder = demo_model_dir()
         if not folder.is_dir():
-            raise ModelLoadError(
-                f"the demo model is missing at {folder}; build it (idefix.demo) or reinstall idefix"
-            )
+            raise ModelLoadError(f"the demo model is missing at {folder}; build it (idefix.demo) or reinstall idefix")
         return _checked(folder, DEMO_NAME, need_weights=False)
     local = Path(model_id).expanduser()
     if model_id.strip() and local.exists():  # Path("") is "." and would be the current folder
