@@ -1,35 +1,73 @@
-"""Blocking, single-caller generation on an `Engine` (the one-shot CLI, scripts, tests).
+"""Blocking, single-caller generation on an `Engine`, and collecting a request's outputs into a
+`Completion` (used by the one-shot CLI, the Python API and the server's non-streaming answers).
 
 For many concurrent callers use `idefix.engine.async_engine.AsyncEngine`, which owns the step loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 from idefix.engine.engine import Engine
 from idefix.media import MediaPolicy
-from idefix.request import RequestOutput, Usage
+from idefix.request import RequestOutput, TokenLogprob, Usage
 from idefix.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
-@dataclass(frozen=True)
-class Generation:
-    """text: the answer; token_ids: its tokens (a stop token excluded); finish_reason: "stop" | "length"."""
+@dataclass
+class Choice:
+    """One completion: its text, tokens (a stop token excluded), finish_reason and per-token logprobs."""
 
-    text: str
-    token_ids: list[int]
-    finish_reason: str
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Completion:
+    """Every choice of a request, in index order, and the request's usage."""
+
+    choices: list[Choice]
     usage: Usage
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.choices[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason
+
+
+def collect(outputs: Iterable[RequestOutput], n: int = 1) -> Completion:
+    """Fold a request's stream of outputs into its Completion."""
+    choices = [Choice(index) for index in range(n)]
+    usage = Usage()
+    for out in outputs:
+        choice = choices[out.index]
+        choice.text += out.text
+        choice.token_ids += out.token_ids
+        if out.logprobs is not None:
+            choice.logprobs = (choice.logprobs or []) + out.logprobs
+        if out.finished:
+            choice.finish_reason = out.finish_reason
+        usage = out.usage
+    return Completion(choices, usage)
 
 
 def stream(
     engine: Engine, messages: object, params: SamplingParams = GREEDY, policy: MediaPolicy | None = None
 ) -> Iterator[RequestOutput]:
-    """Outputs of one request (choice 0 and any others), stepping the engine until it is done."""
+    """Outputs of one request (every choice), stepping the engine until it is done."""
     request_id = engine.add(engine.prepare(messages, policy), params)
     try:
         while request_id in engine.requests:
@@ -40,15 +78,6 @@ def stream(
 
 def generate(
     engine: Engine, messages: object, params: SamplingParams = GREEDY, policy: MediaPolicy | None = None
-) -> Generation:
-    """The answer (choice 0) to OpenAI-style `messages`; greedy unless `params` say otherwise."""
-    text, tokens, reason, usage = "", [], "length", Usage()
-    for out in stream(engine, messages, params, policy):
-        if out.index != 0:
-            continue
-        text += out.text
-        tokens += out.token_ids
-        usage = out.usage
-        if out.finished:
-            reason = out.finish_reason or reason
-    return Generation(text, tokens, reason, usage)
+) -> Completion:
+    """The answer to OpenAI-style `messages`; greedy unless `params` say otherwise."""
+    return collect(stream(engine, messages, params, policy), params.n)

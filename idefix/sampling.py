@@ -177,3 +177,27 @@ def _as_bias_dict(bias: Any) -> dict[int, float]:
         _check_int("logit_bias token id", token, 0, None)
         out[token] = value
     return out
+
+
+OPENAI_FIELDS = frozenset(
+    {
+        "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "frequency_penalty",
+        "presence_penalty", "repetition_penalty", "logit_bias", "seed", "stop", "stop_token_ids", "min_tokens",
+        "ignore_eos", "n", "logprobs", "top_logprobs",
+    }
+)  # fmt: skip
+
+
+def from_openai(**fields: Any) -> SamplingParams:
+    """SamplingParams from OpenAI chat-completion fields (plus vLLM / mistral.rs extras such as top_k);
+    None means "not given". `max_completion_tokens` is OpenAI's newer name for `max_tokens`."""
+    unknown = sorted(set(fields) - OPENAI_FIELDS)
+    if unknown:
+        raise InvalidRequestError(f"unknown sampling field(s): {', '.join(unknown)}")
+    given = {name: value for name, value in fields.items() if value is not None}
+    newer = given.pop("max_completion_tokens", None)
+    if newer is not None:
+        given["max_tokens"] = newer
+    if given.get("logprobs") is False:
+        given.pop("top_logprobs", None)
+    return SamplingParams(**given)

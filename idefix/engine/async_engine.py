@@ -13,6 +13,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from idefix.engine.engine import Engine
 from idefix.errors import IdefixError
@@ -58,7 +59,12 @@ class AsyncEngine:
             accepted.set_result(rid)
 
         self._command(add)
-        return accepted.result()
+        while True:
+            try:
+                return accepted.result(timeout=1.0)
+            except FutureTimeout:
+                if not self._thread.is_alive():
+                    raise EngineDeadError("the engine loop stopped before taking the request") from None
 
     def abort(self, request_id: str) -> None:
         def abort() -> None:
@@ -147,15 +153,23 @@ class AsyncEngine:
                 self._fail_all(exc)
                 continue
             for out in outputs:
-                sink = self._sinks.get(out.request_id)
-                if sink is not None:
-                    sink(out)
+                self._deliver(out.request_id, out)
                 if out.finished and out.request_id not in self.engine.requests:
                     self._sinks.pop(out.request_id, None)
         self._fail_all(EngineDeadError("the engine shut down"))
 
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        sink = self._sinks.get(request_id)
+        if sink is None:
+            return
+        try:
+            sink(item)
+        except Exception:  # the caller is gone (its event loop closed): nobody reads this request any more
+            self._sinks.pop(request_id, None)
+            self.engine.abort(request_id)
+
     def _fail_all(self, exc: BaseException) -> None:
-        for rid, sink in list(self._sinks.items()):
-            sink(exc)
+        for rid in list(self._sinks):
+            self._deliver(rid, exc)
             self.engine.abort(rid)
         self._sinks.clear()
