@@ -2,44 +2,79 @@
 
 mistral.rs-style (`idefix [global flags] vision-plain -m MODEL`, with `-i` for the interactive chat or
 `--port` for the server) plus friendlier aliases: `idefix run`, `idefix chat`, `idefix serve`.
-Problems a user can fix print one line (`idefix: error: ...`) and exit 1; wrong flags exit 2.
+Problems a user can fix print one line (`idefix: error: ...`) and exit 1; wrong flags exit 2 with the
+nearest valid choice (see `idefix.cli_parser`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from idefix import __version__
-from idefix.errors import IdefixError
+from idefix.cli_parser import Parser, positive_int, read_token, token_source
+from idefix.errors import IdefixError, ModelLoadError
+
+if TYPE_CHECKING:
+    from idefix.engine.engine import Engine
 
 DTYPES = ["auto", "fp32", "bf16", "fp16"]
+ARCHES = {"idefics3": ("idefics3", "smolvlm")}  # -a value -> config.json model_type values it covers
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("-m", "--model-id", default=None, help="model folder or hub repo id (default: the demo model)")
-    group.add_argument("-a", "--arch", choices=["idefics3"], default=None, help="architecture (read from config.json)")
+    group.add_argument(
+        "-m", "--model-id", default=None, metavar="MODEL", help="model folder or hub repo id (default: the demo model)"
+    )
+    group.add_argument("-a", "--arch", choices=list(ARCHES), default=None, help="architecture (read from config.json)")
     group.add_argument("--dtype", choices=DTYPES, default="auto", help="weights and compute dtype (default auto)")
-    group.add_argument("--revision", default=None, help="hub revision: branch, tag or commit")
-    group.add_argument("--max-seq-len", type=int, default=4096, help="context per sequence (default 4096)")
+    group.add_argument("--revision", default=None, metavar="REV", help="hub revision: branch, tag or commit")
+    group.add_argument(
+        "--max-seq-len", type=positive_int, default=4096, metavar="N", help="context per sequence (default 4096)"
+    )
+
+
+def _answer_flags(parser: argparse.ArgumentParser, max_tokens: int | None) -> None:
+    group = parser.add_argument_group("answers")
+    default = f"default {max_tokens}" if max_tokens else "default: until the model stops or the context ends"
+    group.add_argument(
+        "--max-tokens", type=positive_int, default=max_tokens, metavar="N", help=f"most tokens per answer ({default})"
+    )
 
 
 def _global_flags(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_argument_group("mode")
     mode.add_argument("-i", "--interactive-mode", action="store_true", help="chat in the terminal")
-    mode.add_argument("--port", type=int, default=None, help="serve the OpenAI API on this port")
-    mode.add_argument("--serve-ip", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    mode.add_argument("--port", type=int, default=None, metavar="N", help="serve the OpenAI API on this port")
+    mode.add_argument(
+        "--serve-ip", default="127.0.0.1", metavar="ADDR", help="address to listen on (default 127.0.0.1)"
+    )
     engine = parser.add_argument_group("engine")
-    engine.add_argument("--max-seqs", type=int, default=16, help="sequences decoded together (default 16)")
-    engine.add_argument("--max-waiting", type=int, default=64, help="queued requests before 503 (default 64)")
-    engine.add_argument("--seed", type=int, default=None, help="seed for requests that give none")
+    engine.add_argument(
+        "--max-seqs", type=positive_int, default=16, metavar="N", help="sequences decoded together (default 16)"
+    )
+    engine.add_argument(
+        "--max-waiting", type=int, default=64, metavar="N", help="queued requests before 503 (default 64)"
+    )
+    engine.add_argument("--seed", type=int, default=None, metavar="N", help="seed for requests that give none")
     engine.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     engine.add_argument("--log", default=None, metavar="FILE", help="also write the log to FILE")
-    engine.add_argument("--token-source", default=None, help="hub token: env:VAR, literal:TOKEN, path:FILE")
+    engine.add_argument(
+        "--token-source",
+        type=token_source,
+        default=None,
+        metavar="SOURCE",
+        help="hub token: env:VAR, literal:TOKEN, path:FILE, cache (default), none",
+    )
     server = parser.add_argument_group("server")
     server.add_argument("--api-key", default=os.environ.get("IDEFIX_API_KEY"), help="require this Bearer token")
     server.add_argument("--cors-allow-origin", action="append", default=[], metavar="ORIGIN")
@@ -55,44 +90,84 @@ def _global_flags(parser: argparse.ArgumentParser) -> None:
     media.add_argument("--media-max-redirects", type=int, default=3)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    parser = Parser(
         prog="idefix",
+        usage="idefix [global flags] COMMAND [command flags]   (idefix COMMAND --help: its flags)",
         description="Run Idefics3 / SmolVLM vision-language models: chat, OpenAI-compatible server, one-shot.",
-        epilog="examples:\n  idefix -i vision-plain -m HuggingFaceTB/SmolVLM-256M-Instruct\n"
-        "  idefix --port 1234 vision-plain -m MODEL\n  idefix run --image shapes.png 'How many circles?'",
+        epilog="examples:\n  idefix chat                      chat with the bundled demo model\n"
+        "  idefix -i vision-plain -m HuggingFaceTB/SmolVLM-256M-Instruct\n"
+        "  idefix --port 1234 vision-plain -m MODEL\n"
+        "  idefix run --image shapes.png 'How many circles are there?'\n\n"
+        "`idefix COMMAND --help` lists a command's own flags.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"idefix {__version__}")
-    _global_flags(parser)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _model_flags(commands.add_parser("vision-plain", help="a vision model (mistral.rs syntax)"))
-    _model_flags(commands.add_parser("chat", help="chat in the terminal (same as -i)"))
+    commands = parser.add_subparsers(
+        title="commands", dest="command", metavar="COMMAND", parser_class=Parser, prog="idefix"
+    )
+    plain = commands.add_parser("vision-plain", help="a vision model (mistral.rs syntax; with -i or --port)")
+    _model_flags(plain)
+    _answer_flags(plain, None)
+    chat = commands.add_parser("chat", help="chat in the terminal (same as -i)")
+    _model_flags(chat)
+    _answer_flags(chat, None)
     _model_flags(commands.add_parser("serve", help="serve the OpenAI API (same as --port, default 1234)"))
     run = commands.add_parser("run", help="answer one question and exit")
     _model_flags(run)
+    _answer_flags(run, 256)
     run.add_argument("--image", action="append", default=[], metavar="SRC", help="image path, URL or data URI")
-    run.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
-    run.add_argument("--json", action="store_true", help="print the whole response as JSON")
+    run.add_argument("--json", action="store_true", help="print the whole response (text, usage) as JSON")
     run.add_argument("prompt", help="the question")
+    _global_flags(parser)  # after the commands, so --help lists the commands first
     return parser
 
 
-def _load_engine(args: argparse.Namespace) -> object:
+def _device(args: argparse.Namespace) -> str:
+    return "cpu" if args.cpu else ("cuda" if _cuda() else "cpu")
+
+
+def _load_engine(args: argparse.Namespace) -> Engine:
     from idefix.config import EngineConfig
     from idefix.engine.engine import Engine
     from idefix.loading import load
 
-    device = "cpu" if args.cpu else ("cuda" if _cuda() else "cpu")
-    loaded = load(args.model_id, revision=args.revision, dtype=args.dtype, device=device)
+    progress = sys.stderr.isatty()  # a progress bar for people; scripts read stderr for the one error line
+    if progress:
+        print(f"Loading {args.model_id or 'the demo model'} ...", file=sys.stderr, flush=True)
+    token = read_token(args.token_source)
+    # token False (`--token-source none`) is huggingface_hub's "send no token"; load() passes it through.
+    loaded = load(
+        args.model_id,
+        revision=args.revision,
+        token=token,  # type: ignore[arg-type]
+        dtype=args.dtype,
+        device=_device(args),
+        progress=progress,
+    )
+    _check_arch(args.arch, loaded.path)
+    logging.getLogger("idefix").info("loaded %s from %s", loaded.model_id, loaded.path)
     single = args.command == "run"
+    interactive = not single and _wants_chat(args)
     config = EngineConfig(
-        max_num_seqs=1 if single else args.max_seqs,
+        max_num_seqs=1 if single or interactive else args.max_seqs,
         max_model_len=args.max_seq_len,
         max_waiting=args.max_waiting,
-        cache_slots=0 if single else 4,
+        cache_slots=0 if single else 2 if interactive else 4,
     )
     return Engine(loaded, config)
+
+
+def _check_arch(arch: str | None, path: Path) -> None:
+    """`-a` must agree with config.json's model_type when both are given."""
+    if arch is None:
+        return
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # load() has read it already; nothing more to say here
+    if model_type is not None and model_type not in ARCHES[arch]:
+        raise ModelLoadError(f"-a {arch} does not match config.json's model_type {model_type!r}; drop -a or fix it")
 
 
 def _cuda() -> bool:
@@ -109,18 +184,50 @@ def _run(args: argparse.Namespace) -> None:
     content = [{"type": "image_url", "image_url": {"url": src}} for src in args.image]
     messages = [{"role": "user", "content": [*content, {"type": "text", "text": args.prompt}]}]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, seed=args.seed)
-    outputs = stream(engine, messages, params)  # type: ignore[arg-type]
+    outputs = stream(engine, messages, params)
     if args.json:
-        import json
-        from dataclasses import asdict
-
         completion = collect(outputs)
         usage = completion.usage
-        print(json.dumps({**asdict(completion), "usage": {**asdict(usage), "total_tokens": usage.total_tokens}}))
+        usage_json = {
+            **asdict(usage),
+            "total_tokens": usage.total_tokens,
+            "avg_prompt_tok_per_sec": usage.avg_prompt_tok_per_sec,
+            "avg_compl_tok_per_sec": usage.avg_compl_tok_per_sec,
+        }
+        head = {"model": engine.loaded.model_id, "text": completion.text, "finish_reason": completion.finish_reason}
+        print(json.dumps({**head, **asdict(completion), "usage": usage_json}))
         return
     for out in outputs:
         print(out.text, end="", flush=True)
     print()
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from idefix.chat import run_chat
+    from idefix.chat_session import Settings
+
+    start = time.perf_counter()
+    engine = _load_engine(args)
+    settings = Settings(max_tokens=args.max_tokens, seed=args.seed)
+    model_id = args.model_id or "demo"
+    return run_chat(engine, model_id, _device(args), settings, time.perf_counter() - start)
+
+
+def _wants_chat(args: argparse.Namespace) -> bool:
+    return args.command == "chat" or (args.interactive_mode and args.command in (None, "vision-plain"))
+
+
+def _start_log(file: str | None) -> None:
+    if file is None:
+        return
+    try:
+        handler = logging.FileHandler(file)
+    except OSError as exc:
+        raise IdefixError(f"--log {file}: cannot open the log file ({exc.strerror})") from None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("idefix")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,9 +235,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         _model_flags_defaults(parser, args)
+    if args.interactive_mode and args.port is not None:
+        parser.error("-i and --port exclude each other: chat in the terminal or serve, not both")
     try:
+        _start_log(args.log)
         if args.command == "run":
             _run(args)
+        elif _wants_chat(args):
+            return _chat(args)
         else:
             parser.error("choose what to run: `idefix run`, `idefix chat` (-i) or `idefix serve` (--port)")
     except IdefixError as exc:
@@ -145,6 +257,7 @@ def _model_flags_defaults(parser: argparse.ArgumentParser, args: argparse.Namesp
     """`idefix -i` with no subcommand runs the demo model: give args the model flags' defaults."""
     defaults = argparse.ArgumentParser(add_help=False)
     _model_flags(defaults)
+    _answer_flags(defaults, None)
     for key, value in vars(defaults.parse_args([])).items():
         setattr(args, key, value)
 
