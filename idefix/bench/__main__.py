@@ -1,0 +1,5 @@
+import sys
+
+from idefix.bench.cli import run
+
+sys.exit(run())
