@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw
 
@@ -33,6 +33,7 @@ ROW_NAMES, COL_NAMES = ["top", "", "bottom"], ["left", "", "right"]
 ASPECTS = [(1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (2, 1), (1, 2)]
 KINDS = ["shape", "colour", "count", "position", "presence", "colour_of_shape", "describe"]
 ALL_KINDS = [*KINDS, "two_image", "multi_turn"]
+CROSS = [(-1, -3), (1, -3), (1, -1), (3, -1), (3, 1), (1, 1), (1, 3), (-1, 3), (-1, 1), (-3, 1), (-3, -1), (-1, -1)]
 
 
 @dataclass(frozen=True)
@@ -88,31 +89,15 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
         radii, n = [r], 3
     elif kind == "star":
         radii, n = [r, r * 0.45], 10
-    else:  # cross: a plus sign built from 12 corners
+    else:  # cross: a plus sign with 12 corners; 1 stands for the half bar width a, 3 for the radius r
         a = r * 0.35
-        pts = [
-            (-a, -r),
-            (a, -r),
-            (a, -a),
-            (r, -a),
-            (r, a),
-            (a, a),
-            (a, r),
-            (-a, r),
-            (-a, a),
-            (-r, a),
-            (-r, -a),
-            (-a, -a),
-        ]
-        return [(cx + x, cy + y) for x, y in pts]
+        k = {1: a, -1: -a, 3: r, -3: -r}
+        return [(cx + k[x], cy + k[y]) for x, y in CROSS]
     step = 2 * math.pi / n
     start = math.radians(angle) - math.pi / 2
+    radius = [radii[i % len(radii)] for i in range(n)]
     return [
-        (
-            cx + radii[i % len(radii)] * math.cos(start + i * step),
-            cy + radii[i % len(radii)] * math.sin(start + i * step),
-        )
-        for i in range(n)
+        (cx + radius[i] * math.cos(start + i * step), cy + radius[i] * math.sin(start + i * step)) for i in range(n)
     ]
 
 
@@ -144,6 +129,12 @@ def render(scene: Scene) -> Image.Image:
 # ---------------------------------------------------------------------------------------------- scenes
 
 
+def _random_obj(rng: random.Random, shape: str, cell: int, colours: list[str]) -> Obj:
+    colour = rng.choice(colours)
+    scale, dx, dy = rng.uniform(0.6, 0.95), rng.uniform(-0.08, 0.08), rng.uniform(-0.08, 0.08)
+    return Obj(shape, colour, cell // 3, cell % 3, scale, dx, dy, rng.uniform(-20, 20))
+
+
 def random_scene(rng: random.Random, shapes: list[str]) -> Scene:
     """A scene with one object per entry of `shapes`, random colours, cells, sizes and background."""
     aspect = rng.choice(ASPECTS)
@@ -154,19 +145,7 @@ def random_scene(rng: random.Random, shapes: list[str]) -> Scene:
     noise_seed = rng.randrange(2**31) if rng.random() < 0.4 else None
     colours = [c for c in COLOURS if c != background]
     cells = rng.sample(range(9), len(shapes))
-    objects = tuple(
-        Obj(
-            shape,
-            rng.choice(colours),
-            cell // 3,
-            cell % 3,
-            rng.uniform(0.6, 0.95),
-            rng.uniform(-0.08, 0.08),
-            rng.uniform(-0.08, 0.08),
-            rng.uniform(-20, 20),
-        )
-        for shape, cell in zip(shapes, cells, strict=True)
-    )
+    objects = tuple(_random_obj(rng, shape, cell, colours) for shape, cell in zip(shapes, cells, strict=True))
     return Scene(width, height, background, noise_seed, objects)
 
 
@@ -187,7 +166,20 @@ def _unique(scene: Scene, key) -> list[Obj]:
 
 
 def _single_object(rng: random.Random) -> Scene:
-    return random_scene(rng, [rng.choice(SHAPES)])
+    scene = random_scene(rng, [rng.choice(SHAPES)])
+    if rng.random() < 0.5:
+        # Half the lone objects are drawn large (up to ~2 cells wide) around the centre: big, easy views
+        # of each shape and colour are what first teaches a from-scratch vision tower to see.
+        o = replace(
+            scene.objects[0],
+            row=1,
+            col=1,
+            scale=rng.uniform(1.1, 2.2),
+            dx=rng.uniform(-0.3, 0.3),
+            dy=rng.uniform(-0.3, 0.3),
+        )
+        scene = replace(scene, objects=(o,))
+    return scene
 
 
 def _count_turn(rng: random.Random) -> tuple[Scene, tuple[str, str]]:
@@ -285,7 +277,10 @@ def multi_turn(rng: random.Random) -> Example:
 def extra_turn(rng: random.Random, scene: Scene) -> tuple[str, str]:
     """One more independent question about an existing scene; training packs several per image."""
     shapes = sorted({o.shape for o in scene.objects})
-    choice = rng.randrange(4)
+    choice = rng.randrange(5)
+    if choice == 4:
+        # Not a held-out question type: a whole-image property that trains attention onto the image.
+        return "What colour is the background?", scene.background
     if choice == 0:
         target = rng.choice(SHAPES)
         return f"How many {PLURALS[target]} are there?", str(scene.count(target))

@@ -64,6 +64,8 @@ def _check_answer(scene: scenes.Scene, question: str, answer: str) -> None:
     elif question.startswith("Is there a "):
         colour, shape = question.removeprefix("Is there a ").removesuffix("?").split()
         assert answer == ("yes" if any((o.colour, o.shape) == (colour, shape) for o in objects) else "no")
+    elif question == "What colour is the background?":
+        assert answer == scene.background
     elif question.startswith("What colour is the "):
         shape = question.removeprefix("What colour is the ").removesuffix("?")
         assert [o.colour for o in objects if o.shape == shape] == [answer]
