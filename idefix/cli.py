@@ -112,7 +112,11 @@ def build_parser() -> Parser:
     chat = commands.add_parser("chat", help="chat in the terminal (same as -i)")
     _model_flags(chat)
     _answer_flags(chat, None)
-    _model_flags(commands.add_parser("serve", help="serve the OpenAI API (same as --port, default 1234)"))
+    serve = commands.add_parser("serve", help="serve the OpenAI API (same as --port, default 1234)")
+    _model_flags(serve)
+    # `idefix serve -m M --port 1234`: after the subcommand too; SUPPRESS keeps a global --port when not given here
+    serve.add_argument("--port", type=int, default=argparse.SUPPRESS, help="port (default 1234; 0 = any free port)")
+    serve.add_argument("--serve-ip", default=argparse.SUPPRESS, help="address to listen on (default 127.0.0.1)")
     run = commands.add_parser("run", help="answer one question and exit")
     _model_flags(run)
     _answer_flags(run, 256)
@@ -202,6 +206,14 @@ def _run(args: argparse.Namespace) -> None:
     print()
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from idefix.server.options import ServerOptions
+    from idefix.server.serve import serve
+
+    engine = _load_engine(args)
+    serve(engine, ServerOptions.from_args(args, engine.loaded.model_id))
+
+
 def _chat(args: argparse.Namespace) -> int:
     from idefix.chat import run_chat
     from idefix.chat_session import Settings
@@ -243,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run(args)
         elif _wants_chat(args):
             return _chat(args)
+        elif args.command == "serve" or args.port is not None:
+            _serve(args)
         else:
             parser.error("choose what to run: `idefix run`, `idefix chat` (-i) or `idefix serve` (--port)")
     except IdefixError as exc:
