@@ -69,15 +69,40 @@ def from_exception(exc: BaseException) -> APIError:
 
 
 def from_validation(errors: list[Any]) -> APIError:
-    """A 400 naming the first field pydantic refused (never FastAPI's default 422 shape)."""
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "value_error"}
-    if first.get("type") == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON: {first.get('msg')}", code="invalid_json")
-    loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
-    param = ".".join(loc) or None
+    """A 400 naming the field pydantic refused (never FastAPI's default 422 shape). Of a union's alternatives
+    the deepest failure is the informative one ("content[0].image_url.url: Field required", not "not a string")."""
+    if not errors:
+        return APIError(400, "invalid request body", code="invalid_value")
+    if errors[0].get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {errors[0].get('msg')}", code="invalid_json")
+    depth = max(len(error.get("loc", ())) for error in errors)
+    deepest = [error for error in errors if len(error.get("loc", ())) == depth]
+    param = _param(deepest[0].get("loc", ()))
+    problems = dict.fromkeys(str(error.get("msg")) for error in errors if _param(error.get("loc", ())) == param)
     where = f"{param}: " if param else "request body: "
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    return APIError(400, f"{where}{first.get('msg')}{more}", param=param, code="invalid_value")
+    return APIError(400, where + "; or ".join(problems), param=param, code="invalid_value")
+
+
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "dict", "list"})
+_PART_TAGS = frozenset({"text", "image_url"})  # discriminator values pydantic puts in the location of a content part
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    """pydantic's error location as a field path, `messages[0].content[1].image_url.url`, without union member names."""
+    path = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not _union_member(loc, i):
+            path += f".{part}" if path else part
+    return path or None
+
+
+def _union_member(loc: tuple[Any, ...], i: int) -> bool:
+    part = loc[i]
+    if part == "body" or "[" in part or part in _TYPE_NAMES or part[:1].isupper():
+        return True
+    return bool(i) and isinstance(loc[i - 1], int) and part in _PART_TAGS and i + 1 < len(loc)
 
 
 def _param_of(message: str) -> str | None:

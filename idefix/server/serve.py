@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -20,13 +21,19 @@ from idefix.server.app import create_app
 from idefix.server.options import ServerOptions
 
 
-def serve(engine: Engine, options: ServerOptions) -> None:
-    """Serve `engine` until SIGTERM / SIGINT. Raises IdefixError when the address cannot be bound."""
+def serve(load: Callable[[], Engine], options: ServerOptions) -> None:
+    """Bind the address (an IdefixError if it is taken, before a minute of loading is wasted), `load()` the
+    engine, then serve it until SIGTERM / SIGINT. Connections are refused until the model is loaded."""
+    sock = _bind(options.host, options.port)
+    try:
+        engine = load()
+    except BaseException:
+        sock.close()
+        raise
     if options.seed is not None:
         import torch
 
         torch.manual_seed(options.seed)
-    sock = _bind(options.host, options.port)
     async_engine = AsyncEngine(engine)
     app = create_app(async_engine, options)
     config = uvicorn.Config(

@@ -170,12 +170,15 @@ class Server:
         return self.stderr.read_text(errors="replace")[-3000:]
 
 
-def start_server(checkpoint: Path, flags: list[str], folder: Path, api_key: str | None = None) -> Server:
-    """`python -m idefix --port 0 FLAGS vision-plain -m CHECKPOINT`, ready once /health answers 200."""
+def start_server(
+    checkpoint: Path, flags: list[str], folder: Path, api_key: str | None = None, model_flags: tuple[str, ...] = ()
+) -> Server:
+    """`python -m idefix --port 0 FLAGS vision-plain -m CHECKPOINT MODEL_FLAGS`, ready once /health answers 200."""
     folder.mkdir(parents=True, exist_ok=True)
     stdout, stderr = folder / "server.out", folder / "server.err"
     key = ["--api-key", api_key] if api_key else []
-    command = [sys.executable, "-m", "idefix", "--port", "0", *key, *flags, "vision-plain", "-m", str(checkpoint)]
+    model = ["vision-plain", "-m", str(checkpoint), *model_flags]
+    command = [sys.executable, "-m", "idefix", "--port", "0", *key, *flags, *model]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "IDEFIX_API_KEY": ""}
     with stdout.open("wb") as out, stderr.open("wb") as err:
         process = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=REPO)
