@@ -210,8 +210,7 @@ def _serve(args: argparse.Namespace) -> None:
     from idefix.server.options import ServerOptions
     from idefix.server.serve import serve
 
-    engine = _load_engine(args)
-    serve(engine, ServerOptions.from_args(args, engine.loaded.model_id))
+    serve(lambda: _load_engine(args), ServerOptions.from_args(args, args.model_id or "demo"))
 
 
 def _chat(args: argparse.Namespace) -> int:
