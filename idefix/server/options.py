@@ -15,7 +15,7 @@ class ServerOptions:
     cors_allow_origins: empty = CORS off; media: what image URLs / paths requests may name; max_body_bytes: request
     body cap (413 beyond); max_images_per_request: images across all messages of one request; shutdown_grace:
     seconds in-flight requests get to finish after SIGTERM; seed: seeds the process-wide generator (used by
-    requests that give no seed) at start-up; quantization: shown at start-up."""
+    requests that give no seed) at start-up."""
 
     host: str = "127.0.0.1"
     port: int = 1234
@@ -27,7 +27,6 @@ class ServerOptions:
     max_images_per_request: int = 16
     shutdown_grace: float = 30.0
     seed: int | None = None
-    quantization: str = "none"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model_name: str) -> ServerOptions:
