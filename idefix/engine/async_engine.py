@@ -154,6 +154,7 @@ class AsyncEngine:
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)
+            for out in outputs:  # after delivering: choices of one request may finish in the same step
                 if out.finished and out.request_id not in self.engine.requests:
                     self._sinks.pop(out.request_id, None)
         self._fail_all(EngineDeadError("the engine shut down"))

@@ -66,3 +66,13 @@ def test_request_errors_reach_the_caller(loaded: LoadedModel) -> None:
         assert list(engine.stream_sync(engine.engine.text_prompt([5] * 4), SamplingParams(max_tokens=2)))
     finally:
         engine.shutdown()
+
+
+def test_choices_finishing_in_the_same_step_all_arrive(loaded: LoadedModel) -> None:
+    engine = AsyncEngine(Engine(loaded))
+    try:
+        prompt = engine.prepare(_messages(1))
+        outputs = list(engine.stream_sync(prompt, SamplingParams(temperature=0, max_tokens=3, n=3)))
+        assert sorted({out.index for out in outputs if out.finished}) == [0, 1, 2]
+    finally:
+        engine.shutdown()

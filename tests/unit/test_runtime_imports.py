@@ -9,8 +9,8 @@ CODE = """
 import sys, importlib, pkgutil
 import idefix
 for module in pkgutil.walk_packages(idefix.__path__, "idefix."):
-    if module.name == "idefix.__main__":
-        continue  # running it would start the CLI
+    if module.name.endswith("__main__"):
+        continue  # running it would start a command
     importlib.import_module(module.name)
 bad = sorted(name for name in sys.modules if name == "transformers" or name.startswith("transformers."))
 print(",".join(bad))
