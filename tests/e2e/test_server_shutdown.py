@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import REPO, start_server
+from tests.e2e.conftest import REPO, Server, start_server
 
 
 def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(small_checkpoint: Path, tmp_path: Path) -> None:
@@ -51,15 +51,11 @@ def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(small_checkpoint:
     assert "Traceback" not in server.stderr.read_text()
 
 
-def test_serve_alias_with_port_after_the_subcommand_and_a_busy_port(small_checkpoint: Path, tmp_path: Path) -> None:
-    server = start_server(small_checkpoint, [], tmp_path / "first")
-    port = server.url.rsplit(":", 1)[1]
-    try:
-        command = [sys.executable, "-m", "idefix", "serve", "-m", str(small_checkpoint), "--port", port]
-        busy = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
-        assert busy.returncode == 1
-        last = busy.stderr.strip().splitlines()[-1]
-        assert last.startswith("idefix: error: cannot listen on 127.0.0.1:" + port) and "--port" in last
-        assert "Traceback" not in busy.stderr
-    finally:
-        assert server.stop() == 0
+def test_serve_with_port_after_the_subcommand_on_a_busy_port(small_checkpoint: Path, open_server: Server) -> None:
+    port = open_server.url.rsplit(":", 1)[1]  # taken: `serve ... --port PORT` must say so before loading anything
+    command = [sys.executable, "-m", "idefix", "serve", "-m", str(small_checkpoint), "--port", port]
+    busy = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert busy.returncode == 1
+    message = f"cannot listen on 127.0.0.1:{port} (Address already in use); choose another --port or --serve-ip"
+    assert busy.stderr.strip().splitlines() == [f"idefix: error: {message}"]
+    assert open_server.healthy()
