@@ -1,0 +1,1 @@
+"""Quantization: GGML block formats, quantized linear layers, UQFF files."""
