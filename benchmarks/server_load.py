@@ -54,24 +54,26 @@ def body(rng: random.Random, max_tokens: int) -> dict:
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
 
 
 async def one(client: httpx.AsyncClient, url: str, payload: dict) -> tuple[float, int]:
     """(seconds to the first content token, completion tokens) of one streaming request."""
     start = time.perf_counter()
-    ttft, chunks = None, 0
+    ttft, tokens = None, 0
     async with client.stream("POST", url, json=payload) as response:
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()[:300]}")
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):
                 continue
-            choices = json.loads(line[6:])["choices"]
-            if choices and choices[0]["delta"].get("content"):
-                chunks += 1
-                ttft = ttft if ttft is not None else time.perf_counter() - start
-    return (ttft if ttft is not None else time.perf_counter() - start), chunks
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content") and ttft is None:
+                ttft = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return (ttft if ttft is not None else time.perf_counter() - start), tokens
 
 
 async def level(base: str, clients: int, requests: int, max_tokens: int, seed: int) -> dict:
