@@ -166,28 +166,26 @@ def test_several_images_across_turns_with_logprobs(open_server: Server, image_se
     assert done.usage is not None and done.usage.prompt_tokens > 100  # three images' tiles are in the prompt
 
 
-@pytest.mark.xfail(
-    reason="AsyncEngine._loop drops a request's sink at its first finished output when the request ends in that "
-    "step, so with n > 1 the last choice's final output never arrives (the request then waits forever)",
-    raises=openai.APITimeoutError,
-)
-def test_n_seeded_choices_are_reproducible(open_server: Server) -> None:
-    client = OpenAI(api_key=API_KEY, base_url=open_server.base_url, timeout=5, max_retries=0)
-    messages = [{"role": "user", "content": "Tell me something."}]
+def test_n_seeded_choices_are_reproducible_and_stream_alike(open_server: Server) -> None:
+    client = OpenAI(api_key=API_KEY, base_url=open_server.base_url, timeout=30, max_retries=0)
+    fields: dict = {"model": "default", "messages": [{"role": "user", "content": "Tell me something."}]}
+    fields.update(max_tokens=5, temperature=0.8, seed=7, n=3)
 
     def choices() -> list[str | None]:
-        done = client.chat.completions.create(
-            model="default",
-            messages=messages,
-            max_tokens=5,
-            temperature=0.8,
-            seed=7,
-            n=3,  # type: ignore[arg-type]
-        )
+        done = client.chat.completions.create(**fields)
         assert [c.index for c in done.choices] == [0, 1, 2]
         return [c.message.content for c in done.choices]
 
-    assert choices() == choices()
+    first = choices()
+    assert choices() == first
+    streamed = ["", "", ""]
+    finished = set()
+    for chunk in client.chat.completions.create(**fields, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert streamed == first and finished == {0, 1, 2}
 
 
 def test_models_route_and_model_names(open_server: Server) -> None:
