@@ -224,7 +224,7 @@ def banner(engine: Engine, model_id: str, device: str, settings: Settings, load_
 
     return "\n".join(
         [
-            f"idefix {__version__} · model {where} · quantization none · "
+            f"idefix {__version__} · model {where} · quantization {engine.loaded.quantization} · "
             f"device {device} ({dtype}) · context {engine.max_model_len} tokens · loaded in {load_seconds:.1f} s",
             f"Sampling: {settings.describe()}. Commands: "
             + " ".join(f"\\{name}" for name in COMMANDS)

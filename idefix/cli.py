@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from idefix import __version__
-from idefix.cli_parser import Parser, positive_int, read_token, token_source
+from idefix.cli_parser import Parser, isq_type, positive_int, read_token, token_source
 from idefix.errors import IdefixError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -41,6 +41,10 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max-seq-len", type=positive_int, default=4096, metavar="N", help="context per sequence (default 4096)"
     )
+    group.add_argument(
+        "--from-uqff", default=None, metavar="FILES", help="pre-quantized UQFF file(s), `;`-separated (docs/uqff.md)"
+    )
+    group.add_argument("--write-uqff", default=None, metavar="DIR", help="after --isq, write the model as UQFF here")
 
 
 def _answer_flags(parser: argparse.ArgumentParser, max_tokens: int | None) -> None:
@@ -57,6 +61,14 @@ def _global_flags(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--port", type=int, default=None, metavar="N", help="serve the OpenAI API on this port")
     mode.add_argument(
         "--serve-ip", default="127.0.0.1", metavar="ADDR", help="address to listen on (default 127.0.0.1)"
+    )
+    quant = parser.add_argument_group("quantization")
+    quant.add_argument(
+        "--isq",
+        type=isq_type,
+        default=None,
+        metavar="TYPE",
+        help="quantize while loading: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2K Q3K Q4K Q5K Q6K Q8K, or 2 3 4 5 6 8",
     )
     engine = parser.add_argument_group("engine")
     engine.add_argument(
@@ -123,6 +135,14 @@ def build_parser() -> Parser:
     run.add_argument("--image", action="append", default=[], metavar="SRC", help="image path, URL or data URI")
     run.add_argument("--json", action="store_true", help="print the whole response (text, usage) as JSON")
     run.add_argument("prompt", help="the question")
+    quantize = commands.add_parser("quantize", help="quantize a model and write it as a UQFF folder")
+    quantize.add_argument("-m", "--model-id", default=None, metavar="MODEL", help="model folder or hub repo id")
+    quantize.add_argument("--isq", type=isq_type, required=True, metavar="TYPE", help="GGML type, e.g. Q4K or Q8_0")
+    quantize.add_argument("-o", "--output", required=True, metavar="DIR", help="the UQFF folder to write")
+    quantize.add_argument("--revision", default=None, metavar="REV", help="hub revision: branch, tag or commit")
+    # The bench parses its own flags (`idefix bench --help`), so building this parser imports no torch.
+    bench = commands.add_parser("bench", help="measure speed side by side with transformers", add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     _global_flags(parser)  # after the commands, so --help lists the commands first
     return parser
 
@@ -148,6 +168,9 @@ def _load_engine(args: argparse.Namespace) -> Engine:
         dtype=args.dtype,
         device=_device(args),
         progress=progress,
+        isq=args.isq,
+        from_uqff=args.from_uqff,
+        write_uqff=args.write_uqff,
     )
     _check_arch(args.arch, loaded.path)
     logging.getLogger("idefix").info("loaded %s from %s", loaded.model_id, loaded.path)
@@ -206,6 +229,17 @@ def _run(args: argparse.Namespace) -> None:
     print()
 
 
+def _quantize(args: argparse.Namespace) -> None:
+    from idefix.loading import load
+
+    start = time.perf_counter()
+    loaded = load(
+        args.model_id, revision=args.revision, isq=args.isq, write_uqff=args.output, progress=sys.stderr.isatty()
+    )
+    seconds = time.perf_counter() - start
+    print(f"wrote {loaded.quantization} UQFF of {loaded.model_id} to {args.output} in {seconds:.1f} s")
+
+
 def _serve(args: argparse.Namespace) -> None:
     from idefix.server.options import ServerOptions
     from idefix.server.serve import serve
@@ -242,6 +276,11 @@ def _start_log(file: str | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # the bench has its own flags and help
+        from idefix.bench.cli import run as run_bench
+
+        return run_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -252,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _start_log(args.log)
         if args.command == "run":
             _run(args)
+        elif args.command == "quantize":
+            _quantize(args)
         elif _wants_chat(args):
             return _chat(args)
         elif args.command == "serve" or args.port is not None:

@@ -107,6 +107,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def isq_type(text: str) -> str:
+    """Check an `--isq` value against the GGML types (`idefix.quant.ggml.parse_isq`); keep the user's spelling."""
+    from idefix.errors import InvalidRequestError
+    from idefix.quant.ggml import parse_isq
+
+    try:
+        parse_isq(text)
+    except InvalidRequestError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def token_source(text: str) -> str:
     """Check the mistral.rs `--token-source` syntax; the token itself is read by `read_token` at load time."""
     scheme, sep, rest = text.partition(":")

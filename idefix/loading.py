@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,12 +14,16 @@ from idefix.hub import resolve_model
 from idefix.model.idefics3 import Idefics3Model
 from idefix.model.weights import load_model
 from idefix.processing.processor import Processor
+from idefix.quant.apply import IsqSpec
+from idefix.quant.linear import QuantLinear
+from idefix.quant.uqff import Source, UqffWriter, config_digest, uqff_files
 
 
 @dataclass(frozen=True)
 class LoadedModel:
     """model_id: as the user named it; path: the local checkpoint folder; eos_token_ids: ids that end an
-    answer (generation_config.json's eos_token_id plus the tokenizer's EOS); max_model_len: context size."""
+    answer (generation_config.json's eos_token_id plus the tokenizer's EOS); max_model_len: context size;
+    quantization: how the weights are held, for banners ("none", "ISQ Q4_K", "UQFF Q8_0")."""
 
     model_id: str
     path: Path
@@ -26,6 +31,7 @@ class LoadedModel:
     processor: Processor
     eos_token_ids: frozenset[int]
     max_model_len: int
+    quantization: str = "none"
 
 
 def load(
@@ -36,10 +42,30 @@ def load(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     progress: bool = True,
+    isq: str | IsqSpec | None = None,
+    from_uqff: str | Sequence[str | Path] | None = None,
+    write_uqff: str | Path | None = None,
 ) -> LoadedModel:
-    """Load `model_id` (a folder, a hub repo id, or None / "demo" for the shipped demo model)."""
+    """Load `model_id` (a folder, a hub repo id, or None / "demo" for the shipped demo model).
+
+    isq: quantize while loading (a GGML type name such as "Q4K" or "Q8_0", or mistral.rs's shortcuts
+    "4", "8", ...). from_uqff: pre-quantized UQFF files (paths, or one string with `;` between them;
+    relative paths are looked up in the model folder). write_uqff: a folder to write the quantized model
+    to as UQFF (a complete model folder). A folder holding *.uqff files and no safetensors is read as UQFF.
+    """
     path = resolve_model(model_id, revision=revision, token=token)
-    model = load_model(path, dtype=dtype, device=device, progress=progress)
+    spec = IsqSpec.parse(isq) if isinstance(isq, str) else isq
+    uqff = _uqff_paths(path, from_uqff)
+    if uqff and spec is not None:
+        raise ModelLoadError("choose either in-situ quantization (isq) or pre-quantized UQFF files, not both")
+    writer = None
+    if write_uqff is not None:
+        if spec is None and not uqff:
+            raise ModelLoadError("writing UQFF needs a quantization type (isq)")
+        writer = UqffWriter(write_uqff, Source(model_id or "demo", revision, config_digest(path)))
+    model = load_model(path, dtype=dtype, device=device, progress=progress, isq=spec, uqff=uqff, writer=writer)
+    if writer is not None:
+        writer.close(path)
     processor = Processor.from_dir(path, model.config.image_seq_len)
     tokenizer = processor.tokenizer
     image_id = tokenizer.token_to_id("<image>")
@@ -61,6 +87,7 @@ def load(
         processor=processor,
         eos_token_ids=frozenset(eos),
         max_model_len=model.config.text.max_position_embeddings,
+        quantization=_describe_quantization(model, "UQFF" if uqff else "ISQ"),
     )
 
 
@@ -78,3 +105,20 @@ def _generation_eos(path: Path) -> list[int]:
     if not all(isinstance(i, int) for i in ids):
         raise ModelLoadError(f"{file}: eos_token_id must be an integer or a list of integers, got {eos!r}")
     return ids
+
+
+def _uqff_paths(path: Path, from_uqff: str | Sequence[str | Path] | None) -> list[Path]:
+    if from_uqff is None:
+        has_weights = any(path.glob("*.safetensors"))
+        return [] if has_weights else uqff_files(path)
+    names = [p for p in from_uqff.split(";") if p.strip()] if isinstance(from_uqff, str) else list(from_uqff)
+    files = [Path(name).expanduser() if Path(name).expanduser().is_absolute() else path / name for name in names]
+    for file in files:
+        if not file.is_file():
+            raise ModelLoadError(f"UQFF file {file} does not exist")
+    return files
+
+
+def _describe_quantization(model: Idefics3Model, how: str) -> str:
+    types = sorted({m.qtype.name for m in model.modules() if isinstance(m, QuantLinear)})
+    return f"{how} {'+'.join(types)}" if types else "none"

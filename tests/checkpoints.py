@@ -38,6 +38,9 @@ class Spec:
     longest_edge: int
     hub_era: bool = False
     rope: dict[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
+    intermediate: int = 96
+    vision_hidden: int = 48
+    vision_intermediate: int = 64
 
     @property
     def image_seq_len(self) -> int:
@@ -113,7 +116,7 @@ def build_checkpoint(spec: Spec, out: Path, seed: int = 0) -> Path:
     text = dict(
         model_type="llama",
         hidden_size=head_dim * spec.heads,
-        intermediate_size=96,
+        intermediate_size=spec.intermediate,
         num_hidden_layers=2,
         num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads,
@@ -126,10 +129,10 @@ def build_checkpoint(spec: Spec, out: Path, seed: int = 0) -> Path:
         eos_token_id=eos,
     )
     vision = dict(
-        hidden_size=48,
-        intermediate_size=64,
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_intermediate,
         num_hidden_layers=2,
-        num_attention_heads=3,
+        num_attention_heads=spec.vision_hidden // 16,
         image_size=spec.tile,
         patch_size=spec.patch,
     )

@@ -16,9 +16,6 @@ from idefix.api.options import IsqType, VisionPlain
 from idefix.errors import InvalidRequestError
 
 NOT_YET = {  # argument -> the feature it needs; delete an entry once `idefix.loading.load` takes it
-    "in_situ_quant": "in-situ quantization (ISQ)",
-    "from_uqff": "loading UQFF files",
-    "write_uqff": "writing UQFF files",
     "num_device_layers": "device mapping",
     "topology": "device mapping",
     "tokenizer_json": "a tokenizer.json other than the checkpoint's",
@@ -39,7 +36,7 @@ def load_options(
     """Keyword arguments for `load` beyond the basics. The one place where features not available yet
     (`NOT_YET`) are refused: switching one on = deleting its `NOT_YET` entry."""
     wanted = {
-        "in_situ_quant": None if isq is None else IsqType.parse(isq).value,
+        "in_situ_quant": None if isq is None else isq.value if isinstance(isq, IsqType) else isq,
         "from_uqff": from_uqff if from_uqff is not None else which.from_uqff,
         "write_uqff": which.write_uqff,
         "num_device_layers": device_layers,

@@ -8,7 +8,19 @@ See benchmarks/README.md for what is measured and how to reproduce the published
 
 from __future__ import annotations
 
-from idefix.bench.options import BenchOptions
-from idefix.bench.run import run_bench
+from typing import Any
 
 __all__ = ["BenchOptions", "run_bench"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `idefix --help` builds the bench parser without importing torch.
+    if name == "BenchOptions":
+        from idefix.bench.options import BenchOptions
+
+        return BenchOptions
+    if name == "run_bench":
+        from idefix.bench.run import run_bench
+
+        return run_bench
+    raise AttributeError(name)

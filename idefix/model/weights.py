@@ -7,7 +7,7 @@ mis-shaped tensor is a `ModelLoadError` naming it and the expected shape.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -18,6 +18,9 @@ from tqdm import tqdm
 from idefix.errors import ModelLoadError
 from idefix.model.config import Idefics3Config
 from idefix.model.idefics3 import Idefics3Model
+from idefix.quant.apply import IsqSpec, swap_in
+from idefix.quant.ggml import GGMLType, quantize
+from idefix.quant.uqff import UqffWriter, config_digest, read_uqff
 
 DTYPES = {
     "fp32": torch.float32,
@@ -91,32 +94,49 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     progress: bool = True,
+    isq: IsqSpec | None = None,
+    uqff: Sequence[Path] = (),
+    writer: UqffWriter | None = None,
 ) -> Idefics3Model:
-    """Build the model from `model_dir/config.json` and load its safetensors weights."""
+    """Build the model from `model_dir/config.json` and load its weights.
+
+    isq: quantize the chosen Linear weights while loading, each as soon as it is read, so peak memory
+    stays near the quantized size plus one layer. uqff: read pre-quantized weights (and the residual)
+    from these UQFF files instead of the safetensors checkpoint. writer: also hand every tensor, quantized
+    or not, to a UQFF writer.
+    """
     model_dir, device = Path(model_dir), torch.device(device)
     config = Idefics3Config.from_dir(model_dir)
-    files = checkpoint_files(model_dir)
-    target = resolve_dtype(dtype, device, _checkpoint_dtype(files))
+    if uqff:
+        source = read_uqff(uqff, config_digest(model_dir))
+        target = resolve_dtype(dtype, device, torch.float32)
+    else:
+        files = checkpoint_files(model_dir)
+        source = ((name, file, tensor, None, tuple(tensor.shape)) for name, file, tensor in _tensors(files))
+        target = resolve_dtype(dtype, device, _checkpoint_dtype(files))
     with torch.device("meta"):
         model = Idefics3Model(config)
     expected = dict(model.state_dict(keep_vars=True))
     if config.tie_word_embeddings:
         expected.pop(LM_HEAD)
     loaded: set[str] = set()
-    bar = tqdm(total=len(expected), desc="Loading weights", unit="tensor", disable=not progress, leave=False)
-    for name, file, tensor in _tensors(files):
+    desc = "Quantizing" if isq else "Loading weights"
+    bar = tqdm(total=len(expected), desc=desc, unit="tensor", disable=not progress, leave=False)
+    for name, file, tensor, stored, shape in source:
         if name == LM_HEAD and config.tie_word_embeddings:
             continue  # tied checkpoints may still carry a copy; the embedding is the source of truth
-        if name not in expected:
-            raise ModelLoadError(f"{file.name}: unexpected tensor {name!r} {tuple(tensor.shape)} for this config")
-        want = expected[name]
-        if tuple(tensor.shape) != tuple(want.shape):
-            raise ModelLoadError(
-                f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies {tuple(want.shape)}"
-            )
-        if not tensor.is_floating_point():
-            raise ModelLoadError(f"{file.name}: tensor {name!r} has dtype {tensor.dtype}, expected a float type")
-        _assign(model, name, tensor.to(device=device, dtype=target))
+        _check(name, file, shape, tensor, expected, stored)
+        qtype = stored or (isq.type_for(name, shape) if isq else None)
+        if qtype is None:
+            tensor = tensor.to(device=device, dtype=target)
+            _assign(model, name, tensor)
+            if writer:
+                writer.add_residual(name, tensor)
+        else:
+            data = tensor if stored else quantize(tensor.float(), qtype)
+            swap_in(model, name, qtype, data.to(device), target)
+            if writer:
+                writer.add_quantized(name, qtype, data, shape)
         loaded.add(name)
         bar.update()
     bar.close()
@@ -128,6 +148,16 @@ def load_model(
     return model.to(device).eval().requires_grad_(False)
 
 
+def _check(
+    name: str, file: Path, shape: tuple[int, ...], tensor: torch.Tensor, expected: dict, stored: GGMLType | None
+) -> None:
+    if name not in expected:
+        raise ModelLoadError(f"{file.name}: unexpected tensor {name!r} {shape} for this config")
+    want = tuple(expected[name].shape)
+    if shape != want:
+        raise ModelLoadError(f"{file.name}: tensor {name!r} has shape {shape}, config.json implies {want}")
+    if stored is None and not tensor.is_floating_point():
+        raise ModelLoadError(f"{file.name}: tensor {name!r} has dtype {tensor.dtype}, expected a float type")
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = model.get_submodule(owner_name)

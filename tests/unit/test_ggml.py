@@ -166,7 +166,7 @@ def test_parse_isq_rejects_unknown(name: str) -> None:
 
 def test_fallback_for() -> None:
     assert fallback_for(GGMLType.Q4_K, 1536) is GGMLType.Q4_K
-    assert fallback_for(GGMLType.Q4_K, 576) is GGMLType.Q5_0  # 576 = 18 * 32, not a multiple of 256
+    assert fallback_for(GGMLType.Q4_K, 576) is GGMLType.Q4_1  # 576 = 18 * 32, not a multiple of 256
     assert fallback_for(GGMLType.Q5_K, 576) is GGMLType.Q5_1
     assert fallback_for(GGMLType.Q6_K, 576) is GGMLType.Q8_0
     assert fallback_for(GGMLType.Q2_K, 576) is GGMLType.Q4_0

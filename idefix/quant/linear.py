@@ -1,0 +1,97 @@
+"""QuantLinear: a Linear layer whose weight is held in a GGML block format.
+
+The stored form is GGML blocks (what UQFF files carry). At construction the blocks are repacked once
+into whatever the fastest kernel on the device wants:
+
+| kernel    | GGML types           | how                                                               |
+|-----------|----------------------|-------------------------------------------------------------------|
+| `int4`    | Q4_0, Q4_1, Q4_K     | torch's packed int4 matmul, groups of 32: w = (q - 8) * scale + zero, |
+|           |                      | exact up to bf16 rounding of scale and zero; bf16 activations     |
+| `fp16`    | every other type     | dequantized once to fp16 (2 bytes per weight), fp16 matmul: the   |
+|           |                      | fp16 rounding is far below any GGML type's own error              |
+| `dequant` | any type on a non-CPU | dequantize the blocks on each call, then a plain matmul: exact,   |
+|           | device               | slow; `idefix bench` shows it                                     |
+
+torch's int8 weight-only kernel was tried for Q8_0 and rejected: it needs one scale per output row, and
+re-rounding Q8_0's 32-weight blocks to per-row scales (plus bf16 activations) erred 1.4x as much as Q8_0
+itself; `tests/unit/test_quant.py` holds every kernel to half the format's own error.
+
+Nothing outside this package knows the scheme: the model sees an nn.Module with `forward(x)`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from idefix.quant.ggml import GGMLType, dequantize, int4_groups
+
+INT4_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K})
+INT4_GROUP = 32
+
+
+def pick_kernel(qtype: GGMLType, device: torch.device) -> str:
+    if device.type != "cpu":
+        return "dequant"
+    if qtype in INT4_TYPES:
+        return "int4"
+    return "fp16"
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T + b with W given as GGML blocks `data` (uint8 [out_features, bytes per row])."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        qtype: GGMLType,
+        data: torch.Tensor,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.qtype, self.dtype = in_features, out_features, qtype, dtype
+        self.kernel = pick_kernel(qtype, data.device)
+        # The bias may still be on `meta`: the loader assigns it when the checkpoint reaches it.
+        self.register_parameter("bias", None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False))
+        self.bias: nn.Parameter | None
+        self.packed: torch.Tensor
+        self.scales_and_zeros: torch.Tensor
+        self.fp16: torch.Tensor
+        self.data: torch.Tensor
+        if self.kernel == "int4":
+            q, scale, zero = int4_groups(data, qtype, in_features)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)  # [N, K / 2]
+            self.register_buffer("packed", packed, persistent=False)
+            # [K / 32, N, 2]: (scale, zero) per group and output row, as the kernel wants them
+            pairs = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+            self.register_buffer("scales_and_zeros", pairs, persistent=False)
+        elif self.kernel == "fp16":
+            self.register_buffer("fp16", dequantize(data, qtype, in_features).half(), persistent=False)
+        else:
+            self.register_buffer("data", data, persistent=False)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight [out, in] as the GGML blocks define it (fp32)."""
+        return dequantize(self.data, self.qtype, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, self.in_features)
+        if self.kernel == "int4":
+            out = torch._weight_int4pack_mm_for_cpu(
+                flat.to(torch.bfloat16), self.packed, INT4_GROUP, self.scales_and_zeros
+            )
+        elif self.kernel == "fp16":
+            out = F.linear(flat.half(), self.fp16)
+        else:
+            out = F.linear(flat.to(self.dtype), self.dequantized().to(flat.device, self.dtype))
+        out = out.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.qtype.name}, kernel={self.kernel}"

@@ -1,0 +1,185 @@
+"""UQFF files: pre-quantized weights in safetensors containers (layout in docs/uqff.md).
+
+A UQFF folder is a complete hub-style model: config / tokenizer / processor files, `model-0000K-of-0000N.uqff`
+shards holding GGML blocks (uint8 [rows, bytes per row]) under their checkpoint names, `residual.uqff`
+holding the unquantized rest, and a README.md model card. Every file's metadata names the format version,
+the producer, the source model, its revision and config hash, and per tensor: GGML type, logical shape,
+block layout and a sha256 of its bytes. Anything that does not check out is a ModelLoadError naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from idefix import __version__
+from idefix.errors import ModelLoadError
+from idefix.quant.ggml import GGMLType
+
+UQFF_FORMAT = "idefix-uqff"
+UQFF_VERSION = 1
+RESIDUAL = "residual.uqff"
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "chat_template.json", "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
+)  # fmt: skip
+
+
+def config_digest(model_dir: Path) -> str:
+    """sha256 of config.json's content (canonical JSON), tying UQFF files to the model they came from."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {exc}") from None
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Source:
+    model_id: str
+    revision: str | None
+    config_sha256: str
+
+
+class UqffWriter:
+    """Collects tensors while a model is quantized and writes them as shards of at most `shard_bytes`."""
+
+    def __init__(self, out_dir: str | Path, source: Source, shard_bytes: int = 2 * 2**30) -> None:
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.source, self.shard_bytes = source, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.entries: dict[str, dict] = {}
+        self.residual: dict[str, torch.Tensor] = {}
+        self.residual_entries: dict[str, dict] = {}
+        self.shards: list[Path] = []
+
+    def add_quantized(self, name: str, qtype: GGMLType, data: torch.Tensor, shape: tuple[int, ...]) -> None:
+        self.pending[name] = data.contiguous()
+        self.entries[name] = {
+            "type": qtype.name, "shape": list(shape), "block_size": qtype.block_size,
+            "type_size": qtype.type_size, "sha256": _sha256(data),
+        }  # fmt: skip
+        if sum(t.numel() for t in self.pending.values()) >= self.shard_bytes:
+            self._flush()
+
+    def add_residual(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.contiguous()
+        self.residual[name] = tensor
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        self.residual_entries[name] = {"type": dtype, "shape": list(tensor.shape), "sha256": _sha256(tensor)}
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.out / f"model-{len(self.shards) + 1:05d}.uqff"
+        save_file(self.pending, path, metadata=self._metadata(self.entries))
+        self.shards.append(path)
+        self.pending, self.entries = {}, {}
+
+    def _metadata(self, entries: dict[str, dict]) -> dict[str, str]:
+        return {
+            "format": UQFF_FORMAT, "uqff_version": str(UQFF_VERSION), "producer": f"idefix {__version__}",
+            "source_model": self.source.model_id, "source_revision": self.source.revision or "",
+            "source_config_sha256": self.source.config_sha256, "tensors": json.dumps(entries),
+        }  # fmt: skip
+
+    def close(self, source_dir: Path) -> list[Path]:
+        """Write what is left, the residual file, the side files and a model card; return the weight files."""
+        self._flush()
+        total = len(self.shards)
+        for index, path in enumerate(self.shards, start=1):  # final names: model-0000K-of-0000N.uqff
+            final = path.with_name(f"model-{index:05d}-of-{total:05d}.uqff")
+            path.rename(final)
+            self.shards[index - 1] = final
+        save_file(self.residual, self.out / RESIDUAL, metadata=self._metadata(self.residual_entries))
+        for name in SIDE_FILES:
+            if (source_dir / name).exists() and not (self.out / name).exists():
+                shutil.copyfile(source_dir / name, self.out / name)
+        self._model_card()
+        return [*self.shards, self.out / RESIDUAL]
+
+    def _model_card(self) -> None:
+        types = sorted({entry["type"] for entry in self.entries.values()} | self._shard_types())
+        (self.out / "README.md").write_text(
+            f"# {self.source.model_id} (UQFF, {', '.join(types) or 'unquantized'})\n\n"
+            f"Pre-quantized with idefix {__version__} from `{self.source.model_id}`"
+            f"{' at ' + self.source.revision if self.source.revision else ''}.\n\n"
+            f"Run it: `idefix chat -m {self.out}` (or `--from-uqff` with the original model).\n"
+            "Format: docs/uqff.md in the idefix repository.\n"
+        )
+
+    def _shard_types(self) -> set[str]:
+        types: set[str] = set()
+        for path in self.shards:
+            with safe_open(str(path), framework="pt") as handle:
+                types |= {entry["type"] for entry in json.loads(handle.metadata()["tensors"]).values()}
+        return types
+
+
+def uqff_files(model_dir: Path) -> list[Path]:
+    return sorted(model_dir.glob("*.uqff"))
+
+
+def read_uqff(
+    files: Sequence[Path], config_sha256: str
+) -> Iterator[tuple[str, Path, torch.Tensor, GGMLType | None, tuple[int, ...]]]:
+    """(name, file, tensor, GGML type or None for a residual tensor, logical shape) for every tensor."""
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                entries = _check_header(file, handle.metadata() or {}, config_sha256)
+                for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    yield _checked(file, name, handle.get_tensor(name), entries)
+        except SafetensorError as exc:
+            raise ModelLoadError(f"{file} is not a readable UQFF file ({exc}); it may be truncated") from None
+
+
+def _check_header(file: Path, meta: dict[str, str], config_sha256: str) -> dict[str, dict]:
+    if meta.get("format") != UQFF_FORMAT:
+        raise ModelLoadError(f"{file} is not an idefix UQFF file (format {meta.get('format')!r})")
+    if meta.get("uqff_version") != str(UQFF_VERSION):
+        raise ModelLoadError(
+            f"{file} has UQFF version {meta.get('uqff_version')!r}; this idefix reads version {UQFF_VERSION}"
+        )
+    if meta.get("source_config_sha256") != config_sha256:
+        raise ModelLoadError(
+            f"{file} was made from another model ({meta.get('source_model')!r}): its config does not match this one"
+        )
+    try:
+        entries = json.loads(meta["tensors"])
+    except (KeyError, ValueError) as exc:
+        raise ModelLoadError(f"{file} has no readable tensor table: {exc}") from None
+    return entries if isinstance(entries, dict) else {}
+
+
+def _checked(
+    file: Path, name: str, tensor: torch.Tensor, entries: dict[str, dict]
+) -> tuple[str, Path, torch.Tensor, GGMLType | None, tuple[int, ...]]:
+    entry = entries.get(name)
+    if entry is None:
+        raise ModelLoadError(f"{file}: tensor {name!r} is not in the file's tensor table")
+    if _sha256(tensor) != entry.get("sha256"):
+        raise ModelLoadError(f"{file}: tensor {name!r} fails its checksum; the file is corrupt")
+    shape = tuple(int(n) for n in entry.get("shape", []))
+    if "block_size" not in entry:
+        return name, file, tensor, None, shape
+    try:
+        qtype = GGMLType[entry["type"]]
+    except KeyError:
+        raise ModelLoadError(f"{file}: tensor {name!r} has quantization type {entry['type']!r}, unknown here") from None
+    if tensor.dtype != torch.uint8 or tensor.shape[-1] * qtype.block_size != shape[-1] * qtype.type_size:
+        raise ModelLoadError(f"{file}: tensor {name!r} does not hold {qtype.name} blocks of shape {shape}")
+    return name, file, tensor, qtype, shape

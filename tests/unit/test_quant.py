@@ -1,0 +1,161 @@
+"""In-situ quantization: fast kernels against dequantize-then-matmul, quantized models against the
+unquantized one, and UQFF files written, read back and refused when broken."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from idefix.engine.engine import Engine
+from idefix.errors import ModelLoadError
+from idefix.generate import generate
+from idefix.loading import LoadedModel, load
+from idefix.model.attention import AttentionBatch
+from idefix.quant.apply import IsqSpec
+from idefix.quant.ggml import GGMLType, dequantize, quantize
+from idefix.quant.linear import QuantLinear
+from idefix.quant.uqff import RESIDUAL
+from idefix.request import PreparedPrompt
+from idefix.sampling import SamplingParams
+from tests.checkpoints import Spec, build_checkpoint
+
+# 256-wide layers so every K type applies without fallback.
+WIDE = Spec("wide", patch=16, tile=64, scale=2, heads=16, kv_heads=4, tied=False, split=True, longest_edge=128,
+            intermediate=512, vision_hidden=256, vision_intermediate=512)  # fmt: skip
+GREEDY = SamplingParams(temperature=0, max_tokens=16)
+TEXT = [{"type": "text", "text": "Describe the picture in one sentence, please."}]
+MESSAGES = [{"role": "user", "content": TEXT}]
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(WIDE, tmp_path_factory.mktemp("wide") / "model")
+
+
+@pytest.mark.parametrize("qtype", list(GGMLType))
+def test_kernel_matches_dequantize_then_matmul(qtype: GGMLType) -> None:
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 512, generator=gen) * 0.05
+    x = torch.randn(5, 512, generator=gen)
+    data = quantize(weight, qtype)
+    layer = QuantLinear(512, 96, qtype, data, None, torch.float32)
+    reference = x @ dequantize(data, qtype, 512).t()
+    quant_error = (reference - x @ weight.t()).norm()
+    kernel_error = (layer(x) - reference).norm()
+    # The fast kernels round activations (and int8 re-rounds Q8_0 rows): small next to the quantization itself.
+    assert kernel_error <= 0.5 * quant_error, f"{layer.kernel}: {kernel_error:.4g} vs {quant_error:.4g}"
+    if layer.kernel == "dequant":
+        assert kernel_error <= 1e-4 * reference.norm()
+
+
+def test_isq_spec_picks_layers_and_falls_back() -> None:
+    spec = IsqSpec(GGMLType.Q4_K, vision=False, text_layers={1: None})
+    assert spec.type_for("model.text_model.layers.0.mlp.down_proj.weight", (64, 512)) is GGMLType.Q4_K
+    assert spec.type_for("model.text_model.layers.0.self_attn.q_proj.weight", (64, 576)) is GGMLType.Q4_1
+    assert spec.type_for("model.text_model.layers.1.self_attn.q_proj.weight", (64, 512)) is None
+    assert spec.type_for("model.vision_model.encoder.layers.0.mlp.fc1.weight", (64, 512)) is None
+    assert spec.type_for("model.text_model.embed_tokens.weight", (64, 512)) is None
+    assert spec.type_for("lm_head.weight", (64, 512)) is None
+    assert spec.type_for("model.text_model.layers.0.mlp.down_proj.weight", (64, 40)) is None  # no block fits
+
+
+def _logits(loaded: LoadedModel, prompt: PreparedPrompt) -> torch.Tensor:
+    """Prompt logits, the image encoded by the vision tower (so its quantized layers count too)."""
+    model, ids = loaded.model, torch.tensor(prompt.token_ids)
+    assert prompt.images is not None
+    with torch.inference_mode():
+        features = model.encode_images(prompt.images.pixel_values, prompt.images.pixel_attention_mask)
+        cache = model.new_cache(1, len(ids))
+        hidden = model(model.embed(ids, features), cache, AttentionBatch.single(0, 0, len(ids)))
+        return model.logits(hidden)
+
+
+@pytest.mark.parametrize("isq", ["Q8_0", "Q6K", "Q5_0", "Q4K", "Q4_0", "Q3K"])
+def test_quantized_model_equals_the_model_with_quantized_weights(wide: Path, isq: str) -> None:
+    """ISQ quantizes exactly the chosen layers, keeps biases and runs kernels true to the blocks: its logits
+    match the original model with those weights replaced by their dequantized blocks."""
+    full, quant = load(str(wide), progress=False), load(str(wide), progress=False, isq=isq)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    prompt = Engine(full).prepare([{"role": "user", "content": [{"type": "image", "image": image}, *TEXT]}])
+    original = _logits(full, prompt)
+    spec = IsqSpec.parse(isq)
+    assert spec is not None
+    swapped = 0
+    with torch.no_grad():
+        for name, param in full.model.named_parameters():
+            qtype = spec.type_for(name, tuple(param.shape))
+            if qtype is not None:
+                param.copy_(dequantize(quantize(param.float(), qtype), qtype, param.shape[1]))
+                swapped += 1
+    assert swapped == 2 * 7 + 2 * 6  # text and vision Linear layers of both blocks
+    assert sum(isinstance(m, QuantLinear) for m in quant.model.modules()) == swapped
+    reference = _logits(full, prompt)
+    quant_effect = (reference - original).abs().max()
+    assert quant_effect > 0
+    assert (_logits(quant, prompt) - reference).abs().max() <= 0.5 * quant_effect
+
+
+def test_uqff_round_trip_gives_identical_tokens(wide: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q4k"
+    isq_model = load(str(wide), progress=False, isq="Q4K", write_uqff=out)
+    expected = generate(Engine(isq_model), MESSAGES, GREEDY).token_ids
+    assert sorted(p.name for p in out.glob("*.uqff")) == ["model-00001-of-00001.uqff", RESIDUAL]
+    assert (out / "README.md").exists() and (out / "tokenizer.json").exists()
+    from_folder = load(str(out), progress=False)
+    assert generate(Engine(from_folder), MESSAGES, GREEDY).token_ids == expected
+    files = "model-00001-of-00001.uqff;" + str(out / RESIDUAL)
+    from_flag = load(str(wide), progress=False, from_uqff=files.replace("model-", str(out) + "/model-", 1))
+    assert generate(Engine(from_flag), MESSAGES, GREEDY).token_ids == expected
+
+
+def _rewrite(path: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    with safe_open(str(path), framework="pt") as handle:
+        meta = dict(handle.metadata())
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    edit(meta, tensors)
+    save_file(tensors, path, metadata=meta)
+
+
+@pytest.mark.parametrize("breakage", ["truncated", "checksum", "other-model", "version", "type"])
+def test_broken_uqff_is_one_clear_error(wide: Path, tmp_path: Path, breakage: str) -> None:
+    out = tmp_path / "q8"
+    load(str(wide), progress=False, isq="Q8_0", write_uqff=out)
+    shard = out / "model-00001-of-00001.uqff"
+    if breakage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-1000])
+        message = "truncated"
+    elif breakage == "checksum":
+
+        def flip_a_byte(meta: dict, tensors: dict) -> None:
+            flat = next(iter(tensors.values())).view(-1)
+            flat[0] = (int(flat[0]) + 1) % 256
+
+        _rewrite(shard, flip_a_byte)
+        message = "checksum"
+    elif breakage == "other-model":
+        config = json.loads((out / "config.json").read_text())
+        config["text_config"]["rms_norm_eps"] = 1e-3
+        (out / "config.json").write_text(json.dumps(config))
+        message = "another model"
+    elif breakage == "version":
+        _rewrite(shard, lambda meta, tensors: meta.__setitem__("uqff_version", "99"))
+        message = "version '99'"
+    else:
+
+        def unknown_type(meta: dict, tensors: dict) -> None:
+            table = json.loads(meta["tensors"])
+            next(iter(table.values()))["type"] = "IQ2_XXS"
+            meta["tensors"] = json.dumps(table)
+
+        _rewrite(shard, unknown_type)
+        message = "IQ2_XXS"
+    with pytest.raises(ModelLoadError, match=message) as info:
+        load(str(out), progress=False)
+    assert "uqff" in str(info.value)
