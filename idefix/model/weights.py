@@ -158,6 +158,8 @@ def _check(
         raise ModelLoadError(f"{file.name}: tensor {name!r} has shape {shape}, config.json implies {want}")
     if stored is None and not tensor.is_floating_point():
         raise ModelLoadError(f"{file.name}: tensor {name!r} has dtype {tensor.dtype}, expected a float type")
+
+
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = model.get_submodule(owner_name)
