@@ -70,6 +70,11 @@ def _global_flags(parser: argparse.ArgumentParser) -> None:
         metavar="TYPE",
         help="quantize while loading: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2K Q3K Q4K Q5K Q6K Q8K, or 2 3 4 5 6 8",
     )
+    devices = parser.add_argument_group("device mapping (text decoder layers)")
+    devices.add_argument(
+        "--num-device-layers", default=None, metavar="SPEC", help="e.g. 0:16;1:16 or 16 (the rest on the CPU)"
+    )
+    devices.add_argument("--topology", default=None, metavar="FILE", help="YAML: layer ranges -> device and isq")
     engine = parser.add_argument_group("engine")
     engine.add_argument(
         "--max-seqs", type=positive_int, default=16, metavar="N", help="sequences decoded together (default 16)"
@@ -171,6 +176,8 @@ def _load_engine(args: argparse.Namespace) -> Engine:
         isq=args.isq,
         from_uqff=args.from_uqff,
         write_uqff=args.write_uqff,
+        num_device_layers=args.num_device_layers,
+        topology=args.topology,
     )
     _check_arch(args.arch, loaded.path)
     logging.getLogger("idefix").info("loaded %s from %s", loaded.model_id, loaded.path)

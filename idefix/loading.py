@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from idefix.errors import ModelLoadError
+from idefix.device_map import DevicePlan, ModelSizes, auto_plan, parse_num_device_layers, parse_topology
+from idefix.errors import IdefixError, ModelLoadError
 from idefix.hub import resolve_model
+from idefix.model.config import Idefics3Config
 from idefix.model.idefics3 import Idefics3Model
 from idefix.model.weights import load_model
 from idefix.processing.processor import Processor
 from idefix.quant.apply import IsqSpec
+from idefix.quant.ggml import parse_isq
 from idefix.quant.linear import QuantLinear
 from idefix.quant.uqff import Source, UqffWriter, config_digest, uqff_files
 
@@ -45,6 +49,8 @@ def load(
     isq: str | IsqSpec | None = None,
     from_uqff: str | Sequence[str | Path] | None = None,
     write_uqff: str | Path | None = None,
+    num_device_layers: str | None = None,
+    topology: str | Path | None = None,
 ) -> LoadedModel:
     """Load `model_id` (a folder, a hub repo id, or None / "demo" for the shipped demo model).
 
@@ -52,9 +58,19 @@ def load(
     "4", "8", ...). from_uqff: pre-quantized UQFF files (paths, or one string with `;` between them;
     relative paths are looked up in the model folder). write_uqff: a folder to write the quantized model
     to as UQFF (a complete model folder). A folder holding *.uqff files and no safetensors is read as UQFF.
+    num_device_layers / topology: a device map in mistral.rs syntax (`idefix.device_map`); a topology may
+    also give text layer ranges their own ISQ type. With neither, a CUDA device gets an automatic plan when
+    the model does not fit it whole.
     """
     path = resolve_model(model_id, revision=revision, token=token)
     spec = IsqSpec.parse(isq) if isinstance(isq, str) else isq
+    plan = device_plan(Idefics3Config.from_dir(path), torch.device(device), isq, num_device_layers, topology)
+    if plan is not None:
+        print(plan.table(), file=sys.stderr)
+        device = plan.main_device
+        layers = {p.layer: None if p.isq is None else parse_isq(p.isq) for p in plan.layers}
+        if any(layers.values()) or spec is not None:
+            spec = IsqSpec(spec.qtype if spec else None, spec.vision if spec else True, layers)
     uqff = _uqff_paths(path, from_uqff)
     if uqff and spec is not None:
         raise ModelLoadError("choose either in-situ quantization (isq) or pre-quantized UQFF files, not both")
@@ -63,7 +79,11 @@ def load(
         if spec is None and not uqff:
             raise ModelLoadError("writing UQFF needs a quantization type (isq)")
         writer = UqffWriter(write_uqff, Source(model_id or "demo", revision, config_digest(path)))
-    model = load_model(path, dtype=dtype, device=device, progress=progress, isq=spec, uqff=uqff, writer=writer)
+    layer_devices = None if plan is None else [p.device for p in plan.layers]
+    model = load_model(
+        path, dtype=dtype, device=device, progress=progress, isq=spec, uqff=uqff, writer=writer,
+        layer_devices=layer_devices,
+    )  # fmt: skip
     if writer is not None:
         writer.close(path)
     processor = Processor.from_dir(path, model.config.image_seq_len)
@@ -105,6 +125,39 @@ def _generation_eos(path: Path) -> list[int]:
     if not all(isinstance(i, int) for i in ids):
         raise ModelLoadError(f"{file}: eos_token_id must be an integer or a list of integers, got {eos!r}")
     return ids
+
+
+def device_plan(
+    config: Idefics3Config,
+    device: torch.device,
+    isq: str | IsqSpec | None,
+    num_device_layers: str | None,
+    topology: str | Path | None,
+) -> DevicePlan | None:
+    """The device plan asked for, an automatic one for a CUDA device the model does not fit, or None."""
+    layers = config.text.num_hidden_layers
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if device.type == "cuda" else []
+    isq_name = isq.qtype.name if isinstance(isq, IsqSpec) and isq.qtype else isq if isinstance(isq, str) else None
+    if topology is not None:
+        source = Path(topology) if Path(topology).is_file() else topology
+        main = gpus[0] if gpus else "cpu"
+        return parse_topology(source, layers, isq_name, main, available=gpus, valid_isq=_is_isq)
+    if num_device_layers is not None:
+        return parse_num_device_layers(num_device_layers, layers, gpus, isq=isq_name)
+    if not gpus:
+        return None
+    sizes = ModelSizes.from_config(config, torch.bfloat16, isq_name)
+    free = {gpu: torch.cuda.mem_get_info(gpu)[0] for gpu in gpus}
+    plan = auto_plan(sizes, free, layers, isq=isq_name)
+    return None if all(p.device == plan.main_device for p in plan.layers) else plan
+
+
+def _is_isq(name: str) -> bool:
+    try:
+        parse_isq(name)
+    except IdefixError:
+        return False
+    return True
 
 
 def _uqff_paths(path: Path, from_uqff: str | Sequence[str | Path] | None) -> list[Path]:

@@ -16,8 +16,6 @@ from idefix.api.options import IsqType, VisionPlain
 from idefix.errors import InvalidRequestError
 
 NOT_YET = {  # argument -> the feature it needs; delete an entry once `idefix.loading.load` takes it
-    "num_device_layers": "device mapping",
-    "topology": "device mapping",
     "tokenizer_json": "a tokenizer.json other than the checkpoint's",
 }
 LOAD_ARGUMENT = {  # argument -> its name in `idefix.loading.load`
@@ -39,7 +37,7 @@ def load_options(
         "in_situ_quant": None if isq is None else isq.value if isinstance(isq, IsqType) else isq,
         "from_uqff": from_uqff if from_uqff is not None else which.from_uqff,
         "write_uqff": which.write_uqff,
-        "num_device_layers": device_layers,
+        "num_device_layers": None if device_layers is None else ";".join(device_layers),
         "topology": which.topology,
         "tokenizer_json": which.tokenizer_json,
     }

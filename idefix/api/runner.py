@@ -52,8 +52,9 @@ class Runner:
     conversations kept for prefix reuse (default 4). token_source: hub token, "cache" (huggingface_hub's
     own: HF_TOKEN or the cached login), "env:VAR", "literal:TOKEN", "path:FILE" or "none" (idefix passes no
     token; huggingface_hub may still use its own). seed: seed of every request that gives none (reproducible
-    sampling). in_situ_quant (an `IsqType` or its name), from_uqff, num_device_layers: not available yet,
-    raise `InvalidRequestError` when set. idefix's own: max_model_len (context per sequence,
+    sampling). in_situ_quant: quantize while loading (an `IsqType` or its name, e.g. "Q4K", "8"); from_uqff:
+    pre-quantized UQFF file(s); num_device_layers: a device map (["0:16", "1:16"], mistral.rs syntax).
+    idefix's own: max_model_len (context per sequence,
     default 4096, None = the model's), device (default: CUDA when present, else CPU), media_policy (what
     image URLs / paths requests may name; default `MediaPolicy.trusted()`: any file, any URL, since a
     program is its user's own process; pass `MediaPolicy()` for the server's restrictions when the input

@@ -11,7 +11,7 @@ batched call over a contiguous range of slots, and each prefill segment over its
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +28,13 @@ class KVCache:
         max_len: int,
         head_dim: int,
         dtype: torch.dtype,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | list[torch.device] = "cpu",
     ) -> None:
+        """`device`: one for all layers, or one per layer (each layer's KV lives on its layer's device)."""
         shape = (num_slots, kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        devices = device if isinstance(device, list) else [torch.device(device)] * num_layers
+        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.num_slots = num_slots
         self.max_len = max_len
 
@@ -63,6 +65,10 @@ class DecodeGroup:
     context_len: int
     mask: torch.Tensor | None
 
+    def to(self, device: torch.device) -> DecodeGroup:
+        mask = None if self.mask is None else self.mask.to(device)
+        return replace(self, rows=self.rows.to(device), mask=mask)
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -75,6 +81,9 @@ class Segment:
     start: int
     mask: torch.Tensor | None
 
+    def to(self, device: torch.device) -> Segment:
+        return self if self.mask is None else replace(self, mask=self.mask.to(device))
+
 
 @dataclass(frozen=True)
 class AttentionBatch:
@@ -84,6 +93,17 @@ class AttentionBatch:
     slots: torch.Tensor
     decode: DecodeGroup | None
     segments: tuple[Segment, ...]
+
+    def to(self, device: torch.device) -> AttentionBatch:
+        """The same batch with its tensors on `device` (for layers placed on another device)."""
+        if self.positions.device == device:
+            return self
+        return AttentionBatch(
+            self.positions.to(device),
+            self.slots.to(device),
+            None if self.decode is None else self.decode.to(device),
+            tuple(s.to(device) for s in self.segments),
+        )
 
     @classmethod
     def single(cls, slot: int, start: int, length: int, device: torch.device | str = "cpu") -> AttentionBatch:

@@ -50,7 +50,7 @@ class Idefics3Model(nn.Module):
             max_len,
             text.head_dim,
             dtype or self.dtype,
-            self.device,
+            self.model.text_model.layer_devices(),
         )
 
     def encode_images(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:

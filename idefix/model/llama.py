@@ -65,10 +65,21 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config)
 
+    def layer_devices(self) -> list[torch.device]:
+        """Each decoder layer's device (they differ under a device map)."""
+        return [layer.input_layernorm.weight.device for layer in self.decoder_layers()]
+
+    def decoder_layers(self) -> list[LlamaDecoderLayer]:
+        return [layer for layer in self.layers if isinstance(layer, LlamaDecoderLayer)]
+
     def forward(self, embeds: torch.Tensor, cache: KVCache, at: AttentionBatch) -> torch.Tensor:
         """embeds [N, hidden] (flat new tokens, see AttentionBatch) -> final hidden states [N, hidden]."""
         rope = self.rotary(at.positions, embeds.dtype)
         x = embeds
         for i, layer in enumerate(self.layers):
+            device = cache.k[i].device
+            if x.device != device:  # a device-map boundary: activations and metadata hop once
+                x, at = x.to(device), at.to(device)
+                rope = (rope[0].to(device), rope[1].to(device))
             x = layer(x, rope, (cache.k[i], cache.v[i]), at)
-        return self.norm(x)
+        return self.norm(x.to(self.norm.weight.device))

@@ -7,6 +7,7 @@ mis-shaped tensor is a `ModelLoadError` naming it and the expected shape.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -32,6 +33,7 @@ DTYPES = {
     "half": torch.float16,
 }
 LM_HEAD = "lm_head.weight"
+TEXT_LAYER = re.compile(r"model\.text_model\.layers\.(\d+)\.")
 EMBED_TOKENS = "model.text_model.embed_tokens.weight"
 
 
@@ -97,6 +99,7 @@ def load_model(
     isq: IsqSpec | None = None,
     uqff: Sequence[Path] = (),
     writer: UqffWriter | None = None,
+    layer_devices: Sequence[str] | None = None,
 ) -> Idefics3Model:
     """Build the model from `model_dir/config.json` and load its weights.
 
@@ -127,14 +130,15 @@ def load_model(
             continue  # tied checkpoints may still carry a copy; the embedding is the source of truth
         _check(name, file, shape, tensor, expected, stored)
         qtype = stored or (isq.type_for(name, shape) if isq else None)
+        home = _home(name, device, layer_devices)
         if qtype is None:
-            tensor = tensor.to(device=device, dtype=target)
+            tensor = tensor.to(device=home, dtype=target)
             _assign(model, name, tensor)
             if writer:
                 writer.add_residual(name, tensor)
         else:
             data = tensor if stored else quantize(tensor.float(), qtype)
-            swap_in(model, name, qtype, data.to(device), target)
+            swap_in(model, name, qtype, data.to(home), target)
             if writer:
                 writer.add_quantized(name, qtype, data, shape)
         loaded.add(name)
@@ -145,7 +149,14 @@ def load_model(
         raise ModelLoadError(f"checkpoint in {model_dir} lacks {len(missing)} tensor(s): {', '.join(missing[:5])}")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.text_model.embed_tokens.weight
-    return model.to(device).eval().requires_grad_(False)
+    model.model.text_model.rotary.to(device)  # the only buffer not loaded from the checkpoint
+    return model.eval().requires_grad_(False)
+
+
+def _home(name: str, device: torch.device, layer_devices: Sequence[str] | None) -> torch.device:
+    """Where checkpoint tensor `name` lives: its text layer's device under a device map, else `device`."""
+    match = TEXT_LAYER.match(name) if layer_devices else None
+    return torch.device(layer_devices[int(match.group(1))]) if match and layer_devices else device
 
 
 def _check(

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from idefix.engine.engine import Engine
-from idefix.errors import ModelLoadError
+from idefix.errors import IdefixError, ModelLoadError
 from idefix.generate import generate
 from idefix.loading import LoadedModel, load
 from idefix.model.attention import AttentionBatch
@@ -159,3 +159,24 @@ def test_broken_uqff_is_one_clear_error(wide: Path, tmp_path: Path, breakage: st
     with pytest.raises(ModelLoadError, match=message) as info:
         load(str(out), progress=False)
     assert "uqff" in str(info.value)
+
+
+def test_topology_with_mixed_quantization_equals_the_same_isq_spec(wide: Path, tmp_path: Path) -> None:
+    topology = tmp_path / "topology.yml"
+    topology.write_text("0-1:\n  isq: Q8_0\n1-2:\n  isq: Q4K\n")
+    mapped = load(str(wide), progress=False, topology=topology)
+    direct = load(str(wide), progress=False, isq=IsqSpec(None, True, {0: GGMLType.Q8_0, 1: GGMLType.Q4_K}))
+    kinds = {name: module.qtype for name, module in mapped.model.named_modules() if isinstance(module, QuantLinear)}
+    assert kinds["model.text_model.layers.0.mlp.up_proj"] is GGMLType.Q8_0
+    assert kinds["model.text_model.layers.1.mlp.up_proj"] is GGMLType.Q4_K
+    assert not any(name.startswith("model.vision_model") for name in kinds)  # no global --isq: vision stays
+    assert generate(Engine(mapped), MESSAGES, GREEDY).token_ids == generate(Engine(direct), MESSAGES, GREEDY).token_ids
+
+
+def test_bad_device_maps_are_one_clear_error(wide: Path, tmp_path: Path) -> None:
+    with pytest.raises(IdefixError, match="places 3 layers but the model has 2"):
+        load(str(wide), progress=False, num_device_layers="cpu:3")
+    with pytest.raises(IdefixError, match="overlaps"):
+        load(str(wide), progress=False, topology="0-2:\n  isq: Q8_0\n1-2:\n  isq: Q4K\n")
+    with pytest.raises(IdefixError, match="unknown ISQ"):
+        load(str(wide), progress=False, topology="0-1:\n  isq: Q9\n")
