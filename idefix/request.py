@@ -62,6 +62,15 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
     @property
+    def total_time_sec(self) -> float:
+        return self.total_prompt_time_sec + self.total_completion_time_sec
+
+    @property
+    def avg_tok_per_sec(self) -> float:
+        """All tokens (prompt, cached included, and answer) over the whole request time, as mistral.rs reports."""
+        return self.total_tokens / self.total_time_sec if self.total_time_sec > 0 else 0.0
+
+    @property
     def avg_prompt_tok_per_sec(self) -> float:
         computed = self.prompt_tokens - self.cached_prompt_tokens
         return computed / self.total_prompt_time_sec if self.total_prompt_time_sec > 0 else 0.0

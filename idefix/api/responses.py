@@ -29,16 +29,15 @@ ROLE = "assistant"
 
 def usage_of(usage: EngineUsage) -> Usage:
     """A frozen snapshot of the engine's (still mutable) usage, with the totals and rates filled in."""
-    total_time = usage.total_prompt_time_sec + usage.total_completion_time_sec
     return Usage(
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens,
         cached_prompt_tokens=usage.cached_prompt_tokens,
-        avg_tok_per_sec=usage.total_tokens / total_time if total_time > 0 else 0.0,
+        avg_tok_per_sec=usage.avg_tok_per_sec,
         avg_prompt_tok_per_sec=usage.avg_prompt_tok_per_sec,
         avg_compl_tok_per_sec=usage.avg_compl_tok_per_sec,
-        total_time_sec=total_time,
+        total_time_sec=usage.total_time_sec,
         total_prompt_time_sec=usage.total_prompt_time_sec,
         total_completion_time_sec=usage.total_completion_time_sec,
     )
