@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer
 
 from idefix.demo.vocab import EOS, train_bpe, write_tokenizer_files
 from idefix.model.config import Idefics3Config
@@ -72,6 +73,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 TEXT_FIELDS = dict(model_type="llama", hidden_act="silu", attention_bias=False, mlp_bias=False, pretraining_tp=1)
 VISION_FIELDS = dict(model_type="idefics3_vision", hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, num_channels=3)
 SHARD_BYTES = 2 * 2**30
+FORMAT = "2"  # bumped when the files written change: cached checkpoints of another format are rewritten
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -82,12 +84,13 @@ def default_cache_dir() -> Path:
 def random_checkpoint(shape: str, cache_dir: str | Path | None = None, dtype: str = "bf16") -> Path:
     """The folder of `shape`'s random checkpoint under `cache_dir`, written on first use."""
     out = Path(cache_dir or default_cache_dir()) / f"{shape}-{dtype}"
-    if (out / ".complete").exists():
+    marker = out / ".complete"
+    if marker.exists() and marker.read_text() == FORMAT:
         return out
     if out.exists():
-        shutil.rmtree(out)  # an interrupted earlier write
+        shutil.rmtree(out)  # an interrupted earlier write, or an older format
     write_random_checkpoint(shape, out, dtype=DTYPES[dtype])
-    (out / ".complete").write_text("")
+    marker.write_text(FORMAT)
     return out
 
 
@@ -95,6 +98,7 @@ def write_random_checkpoint(shape: str, out: str | Path, seed: int = 0, dtype: t
     spec, out = SHAPES[shape], Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_bpe(["How many circles are there? What colour is the square? Describe the image."] * 8, 300)
+    _pad_vocabulary(tokenizer, spec["text"]["vocab_size"])
     write_tokenizer_files(tokenizer, out, model_max_length=spec["text"]["max_position_embeddings"])
     image_id, eos = tokenizer.token_to_id("<image>"), tokenizer.token_to_id(EOS)
     raw = {
@@ -117,6 +121,13 @@ def write_random_checkpoint(shape: str, out: str | Path, seed: int = 0, dtype: t
     _write_processor_files(spec, out, config.image_seq_len)
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "pad_token_id": eos}))
     return out
+
+
+def _pad_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> None:
+    """Plain added tokens `<tN>` up to the model's vocabulary, so every id a random model picks decodes to text
+    (engines that stream text deltas, such as mistral.rs, send nothing for ids the tokenizer does not know)."""
+    missing = vocab_size - tokenizer.get_vocab_size()
+    tokenizer.add_tokens([AddedToken(f"<t{i}>", special=False, normalized=False) for i in range(missing)])
 
 
 def _write_weights(shapes: dict[str, tuple[int, ...]], out: Path, seed: int, dtype: torch.dtype) -> None:

@@ -103,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
     print(markdown(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
-    failed = [run["label"] for run in result["runs"] if "error" in run]
+    failed = [run for run in result["runs"] if "error" in run or run["metrics"]["errors"]]
     return 1 if failed else 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+BUSY_LOAD = 1.0  # 1-min load average before the run from which the table warns that others used the CPU
 RATIO_KEYS = ("load_s", "encode_ms_per_tile", "prefill_tok_s", "ttft_ms", "peak_rss_mib")
 
 
@@ -123,7 +124,7 @@ def _header(result: dict[str, Any]) -> list[str]:
         f"- machine: {machine['cpu']}, {machine['cpu_count']} CPUs, torch {machine['torch']}; "
         f"load average (1 min) {before[0]:.2f} before, {after[0]:.2f} after",
         f"- roofline: read bandwidth {bw['max']:.1f} GB/s (best of {bw['n']}; median {bw['median']:.1f}); "
-        f"GEMM {shape} {gemm['dtype']} {gemm['gflops']['max']:.0f} GFLOP/s, so a tile "
+        f"GEMM {shape} {gemm['dtype']} {fmt(gemm['gflops']['max'])} GFLOP/s, so a tile "
         f"({roof['vision_flops_per_tile'] / 1e9:.1f} GFLOP) takes at least {roof['vision_bound_ms_per_tile']:.1f} ms; "
         f"decode bound = max(bytes / bandwidth, FLOPs / GEMM rate), weights + KV at a mean context of "
         f"{roof['decode_context']:.0f}",
@@ -133,9 +134,17 @@ def _header(result: dict[str, Any]) -> list[str]:
         "load: one run; "
         "ratios are idefix / peer (above 1 is better for tok/s, below 1 for times and memory)",
     ]
+    if before[0] >= BUSY_LOAD:
+        lines.append(
+            f"- **the machine was busy**: a load average of {before[0]:.1f} on {machine['cpu_count']} CPUs before "
+            "the run means other processes competed for the CPU; figures (and ratios, as engines ran one after "
+            "the other) are noisy"
+        )
     for label, reason in result.get("skipped", {}).items():
         lines.append(f"- {label}: skipped, {reason}")
     for run in result["runs"]:
         if "error" in run:
             lines.append(f"- {run['label']}: failed, {run['error']}")
+        for key, error in run.get("metrics", {}).get("errors", {}).items():
+            lines.append(f"- {run['label']}, {key}: failed, {error}")
     return [*lines, ""]

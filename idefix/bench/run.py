@@ -1,8 +1,9 @@
 """`run_bench(options) -> dict`: every engine measured on one checkpoint in one process, with the roofline.
 
 Engines run one after the other (each is freed before the next loads, so each peak RSS is its own), after
-the checkpoint files were read once, so every load finds them in the page cache. An engine that fails is
-reported with its error and the others still run.
+the checkpoint files were read once, so every load finds them in the page cache. The machine's limits are
+probed before the first engine and after the last, and the best of both is the roofline (a busy machine
+lowers a probe as much as the figures). An engine that fails is reported with its error; the others run.
 """
 
 from __future__ import annotations
@@ -12,38 +13,22 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from idefix.bench.checkpoint import random_checkpoint
 from idefix.bench.machine import machine, warm_page_cache
+from idefix.bench.measure import Log, Side, measure
 from idefix.bench.options import BenchOptions
 from idefix.bench.report import ratios
 from idefix.bench.roofline import DecodeCost, bandwidth_gbs, gemm_gflops, vision_flops_per_tile, vision_gemm_shape
-from idefix.bench.stats import PeakMemory, Stats, repeat
+from idefix.bench.stats import Stats
 from idefix.hub import resolve_model
 from idefix.model.config import Idefics3Config
 
 SCHEMA = 1
-Log = Callable[[str], None]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-class Side(Protocol):
-    """One engine under test. Methods return seconds of one run (decode: aggregate tokens/s); a method
-    an engine cannot offer raises NotImplementedError and its figure is left out."""
-
-    name: str
-    label: str
-
-    def load(self) -> float: ...
-    def close(self) -> None: ...
-    def decode_cost(self) -> DecodeCost | None: ...
-    def encode(self, run: int) -> float: ...
-    def prefill(self, run: int) -> float: ...
-    def ttft(self, run: int) -> float: ...
-    def decode(self, batch: int, run: int) -> float: ...
 
 
 def run_bench(options: BenchOptions, log: Log | None = None) -> dict[str, Any]:
@@ -71,13 +56,8 @@ def _run(options: BenchOptions, log: Log) -> dict[str, Any]:
     path = checkpoint_path(options, log)
     config = Idefics3Config.from_dir(path)
     warm_page_cache(path)
-    device = torch.device(options.device)
-    log(f"probing memory bandwidth ({options.bandwidth_mib} MiB buffer) and GEMM throughput")
-    bandwidth = bandwidth_gbs(options.bandwidth_mib, device)
     shape = vision_gemm_shape(config, options.tiles)
-    gemm = gemm_gflops(*shape, dtype=DTYPES[options.dtype], device=device)
-    flops = vision_flops_per_tile(config)
-    limits = Limits(bandwidth.max, gemm.max, options.decode_prompt_tokens + options.decode_tokens / 2)
+    first = _probe(options, shape, log)
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "model": options.model or options.random_shape,
@@ -85,42 +65,73 @@ def _run(options: BenchOptions, log: Log) -> dict[str, Any]:
         "checkpoint": str(path),
         "options": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(options).items()},
         "machine": machine(),
-        "roofline": {
-            "bandwidth_gbs": bandwidth.to_json(),
-            "gemm": {"shape": list(shape), "dtype": options.dtype, "gflops": gemm.to_json()},
-            "vision_flops_per_tile": flops,
-            "vision_bound_ms_per_tile": flops / (gemm.max * 1e9) * 1e3,
-            "decode_context": limits.context,
-        },
         "workload": {},
         "runs": [],
         "skipped": {},
     }
-    fallback: DecodeCost | None = None
     for label, make in _sides(path, options, result["skipped"], log):
-        run, cost = _measure_safely(label, make, options, limits, fallback, result, log)
-        fallback = fallback or cost  # idefix's own, unquantized: what a peer that cannot tell reads
-        result["runs"].append(run)
+        side = make()
+        try:
+            result["runs"].append(measure(side, options, result["workload"], log))
+        except Exception as exc:  # one engine failing must not lose the others' figures
+            log(f"{label}: failed: {type(exc).__name__}: {exc}")
+            result["runs"].append({"engine": side.name, "label": label, "error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            side.close()
+    last = _probe(options, shape, log)
+    bandwidth, gemm = Stats(first[0].samples + last[0].samples), Stats(first[1].samples + last[1].samples)
+    result["roofline"] = _roofline(options, config, shape, bandwidth, gemm)
+    _add_decode_bounds(result)
     result["machine"]["load_average_before"] = list(load_before)
     result["machine"]["load_average_after"] = list(os.getloadavg())
     result["ratios"] = ratios(result["runs"])
     return result
 
 
-class Limits:
-    """The machine's measured best bandwidth (GB/s) and GEMM rate (GFLOP/s); mean decode context."""
+def _probe(options: BenchOptions, shape: tuple[int, int, int], log: Log) -> tuple[Stats, Stats]:
+    log(f"probing memory bandwidth ({options.bandwidth_mib} MiB buffer) and GEMM throughput")
+    device = torch.device(options.device)
+    return bandwidth_gbs(options.bandwidth_mib, device), gemm_gflops(*shape, dtype=DTYPES[options.dtype], device=device)
 
-    def __init__(self, gbs: float, gflops: float, context: float) -> None:
-        self.gbs, self.gflops, self.context = gbs, gflops, context
+
+def _roofline(
+    options: BenchOptions, config: Idefics3Config, shape: tuple[int, int, int], bandwidth: Stats, gemm: Stats
+) -> dict[str, Any]:
+    flops = vision_flops_per_tile(config)
+    return {
+        "bandwidth_gbs": bandwidth.to_json(),
+        "gemm": {"shape": list(shape), "dtype": options.dtype, "gflops": gemm.to_json()},
+        "vision_flops_per_tile": flops,
+        "vision_bound_ms_per_tile": flops / (gemm.max * 1e9) * 1e3,
+        "decode_context": options.decode_prompt_tokens + options.decode_tokens / 2,
+    }
+
+
+def _add_decode_bounds(result: dict[str, Any]) -> None:
+    """Next to every decode figure: the bound for its batch and the share of it reached. An engine that cannot
+    tell its weight bytes (mistral.rs) reads what plain idefix reads from the same checkpoint and dtype."""
+    roof = result["roofline"]
+    gbs, gflops = roof["bandwidth_gbs"]["max"], roof["gemm"]["gflops"]["max"]
+    costs = [run.get("decode_cost") for run in result["runs"] if run["label"] == "idefix"]
+    fallback = costs[0] if costs else None
+    for run in result["runs"]:
+        raw = run.get("decode_cost") or fallback
+        if raw is None or "metrics" not in run:
+            continue
+        cost = DecodeCost(**raw)
+        for batch, entry in run["metrics"].get("decode", {}).items():
+            bound = cost.bound_tok_s(int(batch), roof["decode_context"], gbs, gflops)
+            entry.update(roofline_tok_s=bound, roofline_fraction=entry["tok_s"]["median"] / bound)
 
 
 def _sides(path: Path, options: BenchOptions, skipped: dict[str, str], log: Log) -> Iterator[tuple[str, Any]]:
     """(label, factory) of each engine to measure, idefix first."""
     from idefix.bench.idefix_side import IdefixSide
 
-    yield "idefix", lambda: IdefixSide(path, options)
+    factories: list[tuple[str, Callable[[], Side]]] = [("idefix", lambda: IdefixSide(path, options))]
     for qtype in options.isq:
-        yield f"idefix {qtype}", lambda qtype=qtype: IdefixSide(path, options, isq=qtype)
+        factories.append((f"idefix {qtype}", functools.partial(IdefixSide, path, options, isq=qtype)))
+    yield from factories
     for peer in options.compare:
         if peer == "transformers":
             from idefix.bench.hf_side import TransformersSide
@@ -135,91 +146,3 @@ def _sides(path: Path, options: BenchOptions, skipped: dict[str, str], log: Log)
             else:
                 log(f"mistralrs skipped: {reason}")
                 skipped[peer] = reason
-
-
-def _measure_safely(
-    label: str,
-    make: Callable[[], Side],
-    options: BenchOptions,
-    limits: Limits,
-    fallback: DecodeCost | None,
-    result: dict[str, Any],
-    log: Log,
-) -> tuple[dict[str, Any], DecodeCost | None]:
-    side = make()
-    try:
-        return measure(side, options, limits, fallback, result["workload"], log)
-    except Exception as exc:  # one engine failing must not lose the others' figures
-        log(f"{label}: failed: {type(exc).__name__}: {exc}")
-        return {"engine": side.name, "label": label, "error": f"{type(exc).__name__}: {exc}"}, None
-    finally:
-        side.close()
-
-
-def measure(
-    side: Side,
-    options: BenchOptions,
-    limits: Limits,
-    fallback: DecodeCost | None,
-    workload: dict[str, Any],
-    log: Log,
-) -> tuple[dict[str, Any], DecodeCost | None]:
-    """One engine's figures; its own decode cost (None when it cannot tell: the fallback's is used)."""
-    metrics: dict[str, Any] = {}
-    with PeakMemory(torch.device(options.device)) as memory:
-        log(f"{side.label}: load")
-        metrics["load_s"] = Stats((side.load(),)).to_json()
-        own = side.decode_cost()
-        image_prompt = getattr(side, "image_prompt", None)
-        if image_prompt is not None and "image_tiles" not in workload:
-            workload["image_tiles"], workload["image_prompt_tokens"] = image_prompt()
-        metrics.update(_timings(side, options, log))
-        if options.runs("decode"):
-            metrics["decode"] = _decode(side, options, limits, own or fallback, log)
-    metrics.update(memory.to_json())
-    if own is not None:
-        metrics["weight_bytes_per_token"] = own.weight_bytes
-    return {"engine": side.name, "label": side.label, "metrics": metrics}, own
-
-
-def _timings(side: Side, options: BenchOptions, log: Log) -> dict[str, Any]:
-    plan: list[tuple[str, Callable[[int], float], Callable[[Stats], Stats], str]] = [
-        ("encode", side.encode, lambda s: s.scaled(1e3 / options.tiles), "encode_ms_per_tile"),
-        ("prefill", side.prefill, lambda s: s.inverted(options.prefill_tokens), "prefill_tok_s"),
-        ("ttft", side.ttft, lambda s: s.scaled(1e3), "ttft_ms"),
-    ]
-    out: dict[str, Any] = {}
-    for name, fn, convert, key in plan:
-        if options.runs(name):
-            log(f"{side.label}: {name}")
-            stats = _optional(fn, options)
-            if stats is not None:
-                out[key] = convert(stats).to_json()
-    return out
-
-
-def _decode(side: Side, options: BenchOptions, limits: Limits, cost: DecodeCost | None, log: Log) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for batch in options.concurrency:
-        log(f"{side.label}: decode, {batch} concurrent request(s)")
-        stats = _optional(functools.partial(_decode_run, side, batch), options)
-        if stats is None:
-            continue
-        entry: dict[str, Any] = {"tok_s": stats.to_json()}
-        if cost is not None:
-            bound = cost.bound_tok_s(batch, limits.context, limits.gbs, limits.gflops)
-            entry.update(roofline_tok_s=bound, roofline_fraction=stats.median / bound)
-        out[str(batch)] = entry
-    return out
-
-
-def _decode_run(side: Side, batch: int, run: int) -> float:
-    return side.decode(batch, run)
-
-
-def _optional(fn: Callable[[int], float], options: BenchOptions) -> Stats | None:
-    """fn repeated (warm-up runs first), or None when the engine cannot do it (NotImplementedError)."""
-    try:
-        return repeat(fn, options.warmup, options.repeats)
-    except NotImplementedError:
-        return None

@@ -40,6 +40,7 @@ ISQ = ("Q8_0",) if "isq" in inspect.signature(load).parameters else ()
 def _check_run(run: dict[str, Any], concurrency: tuple[int, ...], encode: bool = True) -> None:
     assert "error" not in run, run.get("error")
     metrics = run["metrics"]
+    assert metrics["errors"] == {}
     assert metrics["load_s"]["n"] == 1 and metrics["load_s"]["median"] > 0
     timed = ["prefill_tok_s", "ttft_ms"] + (["encode_ms_per_tile"] if encode else [])
     for key in timed:
