@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer
+from tokenizers import Tokenizer
 
 from idefix.demo.vocab import EOS, train_bpe, write_tokenizer_files
 from idefix.model.config import Idefics3Config
@@ -73,7 +73,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 TEXT_FIELDS = dict(model_type="llama", hidden_act="silu", attention_bias=False, mlp_bias=False, pretraining_tp=1)
 VISION_FIELDS = dict(model_type="idefics3_vision", hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, num_channels=3)
 SHARD_BYTES = 2 * 2**30
-FORMAT = "2"  # bumped when the files written change: cached checkpoints of another format are rewritten
+FORMAT = "3"  # bumped when the files written change: cached checkpoints of another format are rewritten
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -98,7 +98,7 @@ def write_random_checkpoint(shape: str, out: str | Path, seed: int = 0, dtype: t
     spec, out = SHAPES[shape], Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_bpe(["How many circles are there? What colour is the square? Describe the image."] * 8, 300)
-    _pad_vocabulary(tokenizer, spec["text"]["vocab_size"])
+    tokenizer = _pad_vocabulary(tokenizer, spec["text"]["vocab_size"])
     write_tokenizer_files(tokenizer, out, model_max_length=spec["text"]["max_position_embeddings"])
     image_id, eos = tokenizer.token_to_id("<image>"), tokenizer.token_to_id(EOS)
     raw = {
@@ -123,11 +123,13 @@ def write_random_checkpoint(shape: str, out: str | Path, seed: int = 0, dtype: t
     return out
 
 
-def _pad_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> None:
-    """Plain added tokens `<tN>` up to the model's vocabulary, so every id a random model picks decodes to text
-    (engines that stream text deltas, such as mistral.rs, send nothing for ids the tokenizer does not know)."""
-    missing = vocab_size - tokenizer.get_vocab_size()
-    tokenizer.add_tokens([AddedToken(f"<t{i}>", special=False, normalized=False) for i in range(missing)])
+def _pad_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> Tokenizer:
+    """The tokenizer with plain BPE entries `<tN>` up to the model's vocabulary, so every id a random model
+    picks decodes to text (mistral.rs streams no chunk for a token without text, and skips added tokens)."""
+    data = json.loads(tokenizer.to_str())
+    vocab, start = data["model"]["vocab"], tokenizer.get_vocab_size()
+    vocab.update({f"<t{i}>": start + i for i in range(vocab_size - start)})
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def _write_weights(shapes: dict[str, tuple[int, ...]], out: Path, seed: int, dtype: torch.dtype) -> None:
