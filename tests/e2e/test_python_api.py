@@ -41,6 +41,7 @@ from idefix.engine.engine import Engine
 from idefix.generate import generate
 from idefix.loading import load
 from idefix.sampling import from_openai
+from tests.demo_gate import expect_demo_answer
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "idefix" / "demo" / "images"
@@ -156,11 +157,6 @@ def _engine_answer(messages: list[dict[str, Any]], **fields: Any) -> str:
     return generate(engine, messages, from_openai(**fields)).text
 
 
-def _xfail_unless_right(answer: str, expected: str) -> None:
-    if answer.strip().rstrip(".") != expected:
-        pytest.xfail(f"the demo checkpoint answers {answer.strip()!r} instead of {expected!r}: not accurate yet")
-
-
 @needs_demo
 @pytest.mark.parametrize(("image", "circles"), [("shapes.png", "3"), ("crosses.png", "1")])
 def test_seed_example_on_the_demo_model(image_url: Callable[[str], str], image: str, circles: str) -> None:
@@ -170,7 +166,7 @@ def test_seed_example_on_the_demo_model(image_url: Callable[[str], str], image: 
     _check_usage(res)
     sampling = {"max_tokens": 256, "presence_penalty": 1.0, "top_p": 0.1, "temperature": 0.1}
     assert answer == _engine_answer(_ask(str(IMAGES / image), "How many circles are there?"), **sampling)
-    _xfail_unless_right(answer, circles)
+    expect_demo_answer(answer, circles)
     assert res.choices[0].finish_reason == "stop"
 
 
@@ -281,7 +277,7 @@ def test_builder_answers_right_on_the_demo_model() -> None:
         messages = VisionMessages().add_image_message(TextMessageRole.User, "What colour is the star?", image, model)
         answer = model.send_chat_request(messages, max_tokens=16).choices[0].message.content
     assert answer == _engine_answer(messages.messages, max_tokens=16, temperature=0)
-    _xfail_unless_right(answer, "orange")
+    expect_demo_answer(answer, "orange")
 
 
 def _random_image(seed: int) -> Image.Image:
