@@ -25,6 +25,7 @@ from transformers import AutoProcessor, Idefics3Config, Idefics3ForConditionalGe
 # Runs from a checkout without installing: the repo root for `idefix`, this folder for `build`.
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import build  # noqa: E402
+import probe  # noqa: E402
 
 from idefix.demo import scenes  # noqa: E402
 
@@ -78,7 +79,9 @@ def make_batch(processor, rng: random.Random, size: int, assistant: list[int], e
     images = [[scenes.render(s) for s in e.scenes] for e in examples]
     batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
     labels = batch["input_ids"].masked_fill(~answer_mask(batch["input_ids"], assistant, eos), -100)
-    return {**batch, "labels": labels}
+    # The scene probe only reads single-image batches, where each sample's tiles are one scene.
+    scene_list = None if two else [e.scenes[0] for e in examples]
+    return {**batch, "labels": labels}, scene_list
 
 
 def lr_at(progress: float, step: int, peak: float, warmup: int) -> float:
@@ -100,6 +103,14 @@ def save_weights(model: torch.nn.Module, out: Path) -> None:
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
+def make_optimizer(model: torch.nn.Module, scene_probe: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on embeddings, norms or the training-only probe)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay + list(scene_probe.parameters())}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+
+
 def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -111,23 +122,24 @@ def train(args: argparse.Namespace) -> None:
     tok = processor.tokenizer
     assistant = tok.encode("Assistant:", add_special_tokens=False)
     eos = tok.convert_tokens_to_ids(build.EOS)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    optim = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.98),
-    )
+    scene_probe = probe.SceneProbe(model.config.text_config.hidden_size)
+    captured: list[torch.Tensor] = []
+    model.model.connector.register_forward_hook(lambda _m, _i, output: captured.append(output))
+    optim = make_optimizer(model, scene_probe, args.lr)
     rng = random.Random(args.seed)
     start, log = time.time(), []
     model.train()
     step = 0
     while (progress := progress_at(step, args, time.time() - start)) < 1.0:
-        batch = make_batch(processor, rng, args.batch, assistant, eos)
+        batch, scene_list = make_batch(processor, rng, args.batch, assistant, eos)
+        captured.clear()
         for group in optim.param_groups:
             group["lr"] = lr_at(progress, step, args.lr, args.warmup)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             loss = model(**batch).loss
+            if scene_list is not None and args.probe_weight > 0:
+                pooled = probe.pooled_features(captured[0].float(), batch["pixel_values"])
+                loss = loss + args.probe_weight * scene_probe(pooled, probe.targets(scene_list))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
@@ -152,6 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--probe-weight", type=float, default=0.5, help="auxiliary scene-probe loss (demo/probe.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     # Off by default: at these small matrix sizes bf16 autocast measured slower on CPU than fp32.
