@@ -1,4 +1,7 @@
-"""Held-out exact-match accuracy of the demo model, per question type, as a markdown table.
+"""Held-out exact-match accuracy of the demo model answered by transformers (the reference), per question type.
+
+idefix's own evaluation is `python -m idefix.demo.evaluate` (same questions, same scoring, on idefix's engine);
+this script answers them with transformers' `generate` instead, to compare the two.
 
     python demo/evaluate.py                          # idefix/demo/model, seed 12345
     python demo/evaluate.py --model runs/main --limit 100
@@ -11,15 +14,14 @@ signature (messages in, answer text out) can be plugged in instead via `evaluate
 from __future__ import annotations
 
 import argparse
-import random
 import sys
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from idefix.demo import scenes  # noqa: E402
+from idefix.demo.evaluate import held_out, questions, score, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 Answer = Callable[[list[dict]], str]
@@ -48,52 +50,9 @@ def transformers_answerer(folder: str | Path, max_new_tokens: int = 32) -> Answe
     return answer
 
 
-def with_images(example: scenes.Example, messages: list[dict]) -> list[dict]:
-    """Attach the rendered images to the image placeholders of the first user turn."""
-    images = iter(scenes.render(s) for s in example.scenes)
-    first = messages[0]
-    content = [{"type": "image", "image": next(images)} if p["type"] == "image" else p for p in first["content"]]
-    return [{**first, "content": content}, *messages[1:]]
-
-
-def held_out(seed: int, single: int, two: int, multi: int) -> list[scenes.Example]:
-    """`single` single-image questions spread evenly over the kinds, then two-image and multi-turn ones."""
-    rng = random.Random(seed)
-    kinds = [scenes.KINDS[i % len(scenes.KINDS)] for i in range(single)]
-    kinds += ["two_image"] * two + ["multi_turn"] * multi
-    return [scenes.make_example(rng, kind) for kind in kinds]
-
-
 def evaluate(answer: Answer, examples: list[scenes.Example], show_errors: int = 0) -> dict[str, list[int]]:
-    """Per kind: [correct, total]. Multi-turn examples are scored on the last answer, with the earlier
-    turns given with their reference answers."""
-    scores: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for example in examples:
-        messages = with_images(example, scenes.to_messages(example, upto=len(example.turns)))
-        expected = example.turns[-1][1]
-        got = answer(messages)
-        ok = got == expected
-        scores[example.kind][0] += ok
-        scores[example.kind][1] += 1
-        if not ok and show_errors > 0:
-            show_errors -= 1
-            print(f"[{example.kind}] {example.turns[-1][0]!r}: expected {expected!r}, got {got!r}", file=sys.stderr)
-    return dict(scores)
-
-
-def table(scores: dict[str, list[int]]) -> str:
-    rows = ["| question type | correct | total | accuracy |", "|---|---:|---:|---:|"]
-
-    def row(name: str, correct: int, total: int) -> str:
-        return f"| {name} | {correct} | {total} | {100 * correct / max(total, 1):.1f}% |"
-
-    for kind in scenes.ALL_KINDS:
-        if kind in scores:
-            rows.append(row(kind, *scores[kind]))
-    single = [scores[k] for k in scenes.KINDS if k in scores]
-    rows.append(row("**all single-image**", sum(c for c, _ in single), sum(t for _, t in single)))
-    rows.append(row("**all**", sum(c for c, _ in scores.values()), sum(t for _, t in scores.values())))
-    return "\n".join(rows)
+    """Per kind: [correct, total], answering one example at a time with `answer`."""
+    return score(examples, [answer(questions(example)[0]) for example in examples], show_errors)
 
 
 def main(argv: list[str] | None = None) -> None:
