@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -228,3 +228,9 @@ def needs_demo_model() -> pytest.MarkDecorator:
         not (DEMO_MODEL / "config.json").exists(),
         reason="the shipped demo model (idefix/demo/model/config.json) does not exist yet; it is being trained",
     )
+
+
+@pytest.fixture(scope="module")
+def image_url(image_server: str) -> Callable[[str], str]:
+    """name -> http://127.0.0.1:PORT/name on the shared image server (the demo images by their names)."""
+    return lambda name: f"{image_server}/{name}"

@@ -3,13 +3,10 @@ parameters and over-long prompts; the restrictive media policy; leaving a stream
 
 from __future__ import annotations
 
-import functools
 import gc
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -33,22 +30,6 @@ from idefix import (
 )
 
 IMAGES = Path(__file__).resolve().parents[2] / "idefix" / "demo" / "images"
-
-
-class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture(scope="module")
-def image_url() -> Iterator[Callable[[str], str]]:
-    """name -> http://127.0.0.1:PORT/name, serving the demo images (404 for anything else)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(IMAGES)))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield lambda name: f"http://127.0.0.1:{server.server_address[1]}/{name}"
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture(scope="module")
