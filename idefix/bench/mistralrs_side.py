@@ -65,7 +65,7 @@ class MistralrsSide:
             os.environ["MISTRALRS_CPU_KV_F32"] = "1"
         if self.options.threads is not None:
             os.environ.setdefault("RAYON_NUM_THREADS", str(self.options.threads))
-        os.environ.setdefault("RUST_LOG", "warn")  # its INFO lines go to stdout, into the table
+        os.environ.setdefault("RUST_LOG", "error")  # its INFO / WARN lines go to stdout, into the table
         import mistralrs
 
         dtype = mistralrs.ModelDType.F32 if self.options.dtype == "fp32" else mistralrs.ModelDType.BF16
