@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw
@@ -109,21 +110,25 @@ def render(scene: Scene) -> Image.Image:
         # Seeded bytes, not Image.effect_noise, whose C random source cannot be seeded.
         noise = random.Random(scene.noise_seed).randbytes(scene.width * scene.height)
         image = Image.blend(image, Image.frombytes("L", size, noise).convert("RGB"), 0.25)
+    draw_objects(image, scene, lambda o: COLOURS[o.colour])
+    return image
+
+
+def draw_objects(image: Image.Image, scene: Scene, fill: Callable[[Obj], tuple[int, int, int]]) -> None:
+    """Draw the objects of `scene` onto `image`, each in the colour `fill(obj)`."""
     draw = ImageDraw.Draw(image)
     cell_w, cell_h = scene.width / 3, scene.height / 3
     for o in scene.objects:
         cx = (o.col + 0.5 + o.dx) * cell_w
         cy = (o.row + 0.5 + o.dy) * cell_h
         r = o.scale * min(cell_w, cell_h) / 2
-        fill = COLOURS[o.colour]
         if o.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill(o))
         elif o.shape == "square":
             s = r * 0.85  # a square of the same "radius" looks much bigger than the circle
-            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill(o))
         else:
-            draw.polygon(_polygon(o.shape, cx, cy, r, o.angle if o.shape != "cross" else 0.0), fill=fill)
-    return image
+            draw.polygon(_polygon(o.shape, cx, cy, r, o.angle if o.shape != "cross" else 0.0), fill=fill(o))
 
 
 # ---------------------------------------------------------------------------------------------- scenes
