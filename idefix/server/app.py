@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import Counter
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from idefix import __version__
@@ -52,7 +53,7 @@ def create_app(engine: AsyncEngine, options: ServerOptions) -> FastAPI:
     errors.install(app)
     if options.cors_allow_origins:
         app.add_middleware(
-            CORSMiddleware, allow_origins=list(options.cors_allow_origins), allow_methods=["*"], allow_headers=["*"]
+            OpenAICORS, allow_origins=list(options.cors_allow_origins), allow_methods=["*"], allow_headers=["*"]
         )
     app.add_middleware(CountRequests, counter=metrics.requests)
 
@@ -93,6 +94,20 @@ def create_app(engine: AsyncEngine, options: ServerOptions) -> FastAPI:
         return JSONResponse(completion.model_dump(exclude_none=True))
 
     return app
+
+
+class OpenAICORS(CORSMiddleware):
+    """Starlette's CORS middleware, with its preflight refusals (plain-text 400s) answered as OpenAI error JSON."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        reason = bytes(response.body).decode()  # "Disallowed CORS origin, method"
+        headers = {k: v for k, v in response.headers.items() if k.lower().startswith("access-control-")}
+        refusal = APIError(400, f"CORS preflight refused: {reason[0].lower()}{reason[1:]}", code="cors_refused")
+        refusal.headers = headers
+        return refusal.response()
 
 
 async def read_body(request: Request, limit: int) -> bytes:
