@@ -77,7 +77,7 @@ def _banner(engine: Engine, options: ServerOptions, sock: socket.socket) -> str:
     lines = [
         f"idefix: serving the OpenAI API at http://{shown}:{port}/v1",
         f"  model         {options.model_name}  ({engine.loaded.path})",
-        f"  quantization  {getattr(engine.loaded, 'quantization', 'none')}",  # LoadedModel.quantization, once ISQ lands
+        f"  quantization  {engine.loaded.quantization}",
         f"  device        {model.device}  dtype {str(model.dtype).removeprefix('torch.')}",
         f"  engine        {engine.config.max_num_seqs} sequences, context {engine.max_model_len} tokens, "
         f"{engine.config.max_waiting} waiting before 503",

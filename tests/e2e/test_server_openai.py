@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,16 +39,16 @@ def ask(url: str, text: str = "What is shown in this image?") -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def test_seed_example_with_an_image_url(open_server: Server, image_server: str) -> None:
-    # The seed's example as written, except that the image URL points at the local test image server.
-    client = OpenAI(api_key="foobar", base_url=open_server.base_url)
+def seed_example(base_url: str, image_url: str) -> None:
+    """The seed's example as written, except for the server address and the image URL; checks the answer's form."""
+    client = OpenAI(api_key="foobar", base_url=base_url)
     completion = client.chat.completions.create(
         model="default",
         messages=[
             {
                 "role": "user",
                 "content": [
-                    {"type": "image_url", "image_url": {"url": f"{image_server}/star.png"}},
+                    {"type": "image_url", "image_url": {"url": image_url}},
                     {
                         "type": "text",
                         "text": "What is shown in this image? Write a detailed response analyzing the scene.",
@@ -67,6 +68,22 @@ def test_seed_example_with_an_image_url(open_server: Server, image_server: str) 
     usage = completion.usage
     assert usage is not None and usage.prompt_tokens > 20 and 1 <= usage.completion_tokens <= 256
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_seed_example_with_an_image_url(open_server: Server, image_server: str) -> None:
+    seed_example(open_server.base_url, f"{image_server}/star.png")
+
+
+def test_seed_command_with_isq_4(image_server: str, tmp_path: Path) -> None:
+    # `idefix --port 1234 --isq 4 vision-plain -m MODEL`: the seed's flags (port 0 here), Q4K in situ.
+    flags = ["--isq", "4", "--allow-private-media-urls"]
+    server = start_server(DEMO_MODEL, flags, tmp_path, API_KEY)
+    try:
+        # Rows whose width is not a multiple of 256 fall back to Q4_1 (the demo model's 128-wide vision tower).
+        assert re.search(r"quantization  ISQ (Q4_1\+)?Q4_K\n", server.stdout.read_text())
+        seed_example(server.base_url, f"{image_server}/star.png")
+    finally:
+        assert server.stop() == 0
 
 
 @pytest.mark.parametrize("form", ["data_uri", "bare_base64", "local_path", "file_url"])
