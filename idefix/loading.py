@@ -15,7 +15,7 @@ from idefix.errors import IdefixError, ModelLoadError
 from idefix.hub import resolve_model
 from idefix.model.config import Idefics3Config
 from idefix.model.idefics3 import Idefics3Model
-from idefix.model.weights import load_model
+from idefix.model.weights import load_model, quantize_checkpoint
 from idefix.processing.processor import Processor
 from idefix.quant.apply import IsqSpec
 from idefix.quant.ggml import parse_isq
@@ -109,6 +109,23 @@ def load(
         max_model_len=model.config.text.max_position_embeddings,
         quantization=_describe_quantization(model, "UQFF" if uqff else "ISQ"),
     )
+
+
+def quantize_to_uqff(
+    model_id: str | None,
+    isq: str | IsqSpec,
+    out: str | Path,
+    revision: str | None = None,
+    token: str | None = None,
+    progress: bool = True,
+) -> str:
+    """Write `model_id` quantized to `isq` as a UQFF folder `out` (`idefix quantize`), one tensor at a time and
+    without building a runnable model, so memory stays at one tensor; returns the GGML types used ("Q4_1+Q4_K")."""
+    path = resolve_model(model_id, revision=revision, token=token)
+    writer = UqffWriter(out, Source(model_id or "demo", revision, config_digest(path)))
+    quantize_checkpoint(path, IsqSpec(parse_isq(isq)) if isinstance(isq, str) else isq, writer, progress)
+    writer.close(path)
+    return "+".join(sorted(writer.types))
 
 
 def _generation_eos(path: Path) -> list[int]:

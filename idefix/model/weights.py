@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -91,6 +92,55 @@ def _checkpoint_dtype(files: list[Path]) -> torch.dtype:
     return torch.float32
 
 
+@dataclass(frozen=True)
+class Weight:
+    """One checked checkpoint tensor: as stored (`qtype` None), or GGML blocks of type `qtype`."""
+
+    name: str
+    data: torch.Tensor
+    qtype: GGMLType | None
+    shape: tuple[int, ...]
+
+
+def checkpoint_weights(
+    model_dir: Path, config: Idefics3Config, isq: IsqSpec | None, uqff: Sequence[Path], progress: bool
+) -> Iterator[Weight]:
+    """Every weight of the model that `config` describes, read one at a time from the safetensors checkpoint in
+    `model_dir` (or from UQFF files), checked against the module built from the config, and quantized as soon as
+    it is read when `isq` asks for it; a missing tensor is a ModelLoadError once the files are exhausted."""
+    if uqff:
+        source = read_uqff(uqff, config_digest(model_dir))
+    else:
+        files = checkpoint_files(model_dir)
+        source = ((name, file, tensor, None, tuple(tensor.shape)) for name, file, tensor in _tensors(files))
+    expected = expected_tensors(config)
+    loaded: set[str] = set()
+    desc = "Quantizing" if isq else "Loading weights"
+    bar = tqdm(total=len(expected), desc=desc, unit="tensor", disable=not progress, leave=False)
+    for name, file, tensor, stored, shape in source:
+        if name == LM_HEAD and config.tie_word_embeddings:
+            continue  # tied checkpoints may still carry a copy; the embedding is the source of truth
+        _check(name, file, shape, tensor, expected, stored)
+        qtype = stored or (isq.type_for(name, shape) if isq else None)
+        data = quantize(tensor.float(), qtype) if qtype and not stored else tensor
+        yield Weight(name, data, qtype, shape)
+        loaded.add(name)
+        bar.update()
+    bar.close()
+    missing = [f"{name} {tuple(expected[name].shape)}" for name in expected if name not in loaded]
+    if missing:
+        raise ModelLoadError(f"checkpoint in {model_dir} lacks {len(missing)} tensor(s): {', '.join(missing[:5])}")
+
+
+def expected_tensors(config: Idefics3Config) -> dict[str, torch.Tensor]:
+    """Name -> meta tensor of every weight the checkpoint must hold for `config`."""
+    with torch.device("meta"):
+        expected = dict(Idefics3Model(config).state_dict())
+    if config.tie_word_embeddings:
+        expected.pop(LM_HEAD)
+    return expected
+
+
 def load_model(
     model_dir: str | Path,
     dtype: str | torch.dtype = "auto",
@@ -106,51 +156,39 @@ def load_model(
     isq: quantize the chosen Linear weights while loading, each as soon as it is read, so peak memory
     stays near the quantized size plus one layer. uqff: read pre-quantized weights (and the residual)
     from these UQFF files instead of the safetensors checkpoint. writer: also hand every tensor, quantized
-    or not, to a UQFF writer.
+    or not (as the checkpoint stores it), to a UQFF writer.
     """
     model_dir, device = Path(model_dir), torch.device(device)
     config = Idefics3Config.from_dir(model_dir)
-    if uqff:
-        source = read_uqff(uqff, config_digest(model_dir))
-        target = resolve_dtype(dtype, device, torch.float32)
-    else:
-        files = checkpoint_files(model_dir)
-        source = ((name, file, tensor, None, tuple(tensor.shape)) for name, file, tensor in _tensors(files))
-        target = resolve_dtype(dtype, device, _checkpoint_dtype(files))
+    stored_dtype = torch.float32 if uqff else _checkpoint_dtype(checkpoint_files(model_dir))
+    target = resolve_dtype(dtype, device, stored_dtype)
     with torch.device("meta"):
         model = Idefics3Model(config)
-    expected = dict(model.state_dict(keep_vars=True))
-    if config.tie_word_embeddings:
-        expected.pop(LM_HEAD)
-    loaded: set[str] = set()
-    desc = "Quantizing" if isq else "Loading weights"
-    bar = tqdm(total=len(expected), desc=desc, unit="tensor", disable=not progress, leave=False)
-    for name, file, tensor, stored, shape in source:
-        if name == LM_HEAD and config.tie_word_embeddings:
-            continue  # tied checkpoints may still carry a copy; the embedding is the source of truth
-        _check(name, file, shape, tensor, expected, stored)
-        qtype = stored or (isq.type_for(name, shape) if isq else None)
-        home = _home(name, device, layer_devices)
-        if qtype is None:
-            tensor = tensor.to(device=home, dtype=target)
-            _assign(model, name, tensor)
+    for weight in checkpoint_weights(model_dir, config, isq, uqff, progress):
+        home = _home(weight.name, device, layer_devices)
+        if weight.qtype is None:
+            _assign(model, weight.name, weight.data.to(device=home, dtype=target))
             if writer:
-                writer.add_residual(name, tensor)
+                writer.add_residual(weight.name, weight.data)
         else:
-            data = tensor if stored else quantize(tensor.float(), qtype)
-            swap_in(model, name, qtype, data.to(home), target)
+            swap_in(model, weight.name, weight.qtype, weight.data.to(home), target)
             if writer:
-                writer.add_quantized(name, qtype, data, shape)
-        loaded.add(name)
-        bar.update()
-    bar.close()
-    missing = [f"{name} {tuple(expected[name].shape)}" for name in expected if name not in loaded]
-    if missing:
-        raise ModelLoadError(f"checkpoint in {model_dir} lacks {len(missing)} tensor(s): {', '.join(missing[:5])}")
+                writer.add_quantized(weight.name, weight.qtype, weight.data, weight.shape)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.text_model.embed_tokens.weight
     model.model.text_model.rotary.to(device)  # the only buffer not loaded from the checkpoint
     return model.eval().requires_grad_(False)
+
+
+def quantize_checkpoint(model_dir: Path, isq: IsqSpec, writer: UqffWriter, progress: bool = True) -> None:
+    """Quantize the checkpoint in `model_dir` straight into `writer`, one tensor at a time, without building
+    a model: peak memory is one tensor and its blocks."""
+    config = Idefics3Config.from_dir(model_dir)
+    for weight in checkpoint_weights(model_dir, config, isq, (), progress):
+        if weight.qtype is None:
+            writer.add_residual(weight.name, weight.data)
+        else:
+            writer.add_quantized(weight.name, weight.qtype, weight.data, weight.shape)
 
 
 def _home(name: str, device: torch.device, layer_devices: Sequence[str] | None) -> torch.device:

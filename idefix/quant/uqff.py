@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from idefix import __version__
 from idefix.errors import ModelLoadError
@@ -42,8 +41,13 @@ def config_digest(model_dir: Path) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
+def _raw(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes, without a copy when it is contiguous."""
+    return tensor.detach().contiguous().view(torch.uint8).reshape(-1).numpy().data
+
+
 def _sha256(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(_raw(tensor)).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -53,41 +57,86 @@ class Source:
     config_sha256: str
 
 
+SAFETENSORS_DTYPES = {
+    torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+    torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+class StreamingSafetensors:
+    """A safetensors file written one tensor at a time, holding none of them: data goes to `<path>.part` as it
+    comes, and `close` writes the header (which must list every offset and the metadata first) followed by a
+    chunked copy of the data. safetensors' own `save_file` needs every tensor in memory at once, which is what
+    quantizing layer by layer is meant to avoid; the files are read back with safetensors itself."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.part = path, path.with_name(path.name + ".part")
+        self.data = self.part.open("wb")
+        self.header: dict[str, dict] = {}
+        self.size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> str:
+        """Append `tensor`; returns the sha256 of its bytes."""
+        raw = _raw(tensor)
+        self.data.write(raw)
+        self.header[name] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+            "data_offsets": [self.size, self.size + raw.nbytes],
+        }  # fmt: skip
+        self.size += raw.nbytes
+        return hashlib.sha256(raw).hexdigest()
+
+    def close(self, metadata: dict[str, str]) -> None:
+        self.data.close()
+        header = json.dumps({"__metadata__": metadata, **self.header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with self.path.open("wb") as out, self.part.open("rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 * 2**20)
+        self.part.unlink()
+
+
 class UqffWriter:
-    """Collects tensors while a model is quantized and writes them as shards of at most `shard_bytes`."""
+    """Writes tensors as they are quantized: shards of at most `shard_bytes` of GGML blocks, and the residual
+    (every tensor kept unquantized, in the dtype it was given). Memory use stays at one tensor."""
 
     def __init__(self, out_dir: str | Path, source: Source, shard_bytes: int = 2 * 2**30) -> None:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.source, self.shard_bytes = source, shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
+        self.shard: StreamingSafetensors | None = None
         self.entries: dict[str, dict] = {}
-        self.residual: dict[str, torch.Tensor] = {}
+        self.residual = StreamingSafetensors(self.out / RESIDUAL)
         self.residual_entries: dict[str, dict] = {}
         self.shards: list[Path] = []
+        self.types: set[str] = set()
 
     def add_quantized(self, name: str, qtype: GGMLType, data: torch.Tensor, shape: tuple[int, ...]) -> None:
-        self.pending[name] = data.contiguous()
+        if self.shard is None:
+            self.shard = StreamingSafetensors(self.out / f"model-{len(self.shards) + 1:05d}.uqff")
         self.entries[name] = {
             "type": qtype.name, "shape": list(shape), "block_size": qtype.block_size,
-            "type_size": qtype.type_size, "sha256": _sha256(data),
+            "type_size": qtype.type_size, "sha256": self.shard.add(name, data),
         }  # fmt: skip
-        if sum(t.numel() for t in self.pending.values()) >= self.shard_bytes:
+        self.types.add(qtype.name)
+        if self.shard.size >= self.shard_bytes:
             self._flush()
 
     def add_residual(self, name: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.contiguous()
-        self.residual[name] = tensor
         dtype = str(tensor.dtype).removeprefix("torch.")
-        self.residual_entries[name] = {"type": dtype, "shape": list(tensor.shape), "sha256": _sha256(tensor)}
+        self.residual_entries[name] = {
+            "type": dtype,
+            "shape": list(tensor.shape),
+            "sha256": self.residual.add(name, tensor),
+        }
 
     def _flush(self) -> None:
-        if not self.pending:
+        if self.shard is None:
             return
-        path = self.out / f"model-{len(self.shards) + 1:05d}.uqff"
-        save_file(self.pending, path, metadata=self._metadata(self.entries))
-        self.shards.append(path)
-        self.pending, self.entries = {}, {}
+        self.shard.close(self._metadata(self.entries))
+        self.shards.append(self.shard.path)
+        self.shard, self.entries = None, {}
 
     def _metadata(self, entries: dict[str, dict]) -> dict[str, str]:
         return {
@@ -104,7 +153,7 @@ class UqffWriter:
             final = path.with_name(f"model-{index:05d}-of-{total:05d}.uqff")
             path.rename(final)
             self.shards[index - 1] = final
-        save_file(self.residual, self.out / RESIDUAL, metadata=self._metadata(self.residual_entries))
+        self.residual.close(self._metadata(self.residual_entries))
         for name in SIDE_FILES:
             if (source_dir / name).exists() and not (self.out / name).exists():
                 shutil.copyfile(source_dir / name, self.out / name)
@@ -112,21 +161,13 @@ class UqffWriter:
         return [*self.shards, self.out / RESIDUAL]
 
     def _model_card(self) -> None:
-        types = sorted({entry["type"] for entry in self.entries.values()} | self._shard_types())
         (self.out / "README.md").write_text(
-            f"# {self.source.model_id} (UQFF, {', '.join(types) or 'unquantized'})\n\n"
+            f"# {self.source.model_id} (UQFF, {', '.join(sorted(self.types)) or 'unquantized'})\n\n"
             f"Pre-quantized with idefix {__version__} from `{self.source.model_id}`"
             f"{' at ' + self.source.revision if self.source.revision else ''}.\n\n"
             f"Run it: `idefix chat -m {self.out}` (or `--from-uqff` with the original model).\n"
             "Format: docs/uqff.md in the idefix repository.\n"
         )
-
-    def _shard_types(self) -> set[str]:
-        types: set[str] = set()
-        for path in self.shards:
-            with safe_open(str(path), framework="pt") as handle:
-                types |= {entry["type"] for entry in json.loads(handle.metadata()["tensors"]).values()}
-        return types
 
 
 def uqff_files(model_dir: Path) -> list[Path]:

@@ -4,6 +4,8 @@ unquantized one, and UQFF files written, read back and refused when broken."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +20,11 @@ from idefix.errors import IdefixError, ModelLoadError
 from idefix.generate import generate
 from idefix.loading import LoadedModel, load
 from idefix.model.attention import AttentionBatch
+from idefix.model.weights import quantize_checkpoint
 from idefix.quant.apply import IsqSpec
 from idefix.quant.ggml import GGMLType, dequantize, quantize
 from idefix.quant.linear import QuantLinear
-from idefix.quant.uqff import RESIDUAL
+from idefix.quant.uqff import RESIDUAL, Source, UqffWriter, config_digest
 from idefix.request import PreparedPrompt
 from idefix.sampling import SamplingParams
 from tests.checkpoints import Spec, build_checkpoint
@@ -113,6 +116,47 @@ def test_uqff_round_trip_gives_identical_tokens(wide: Path, tmp_path: Path) -> N
     files = "model-00001-of-00001.uqff;" + str(out / RESIDUAL)
     from_flag = load(str(wide), progress=False, from_uqff=files.replace("model-", str(out) + "/model-", 1))
     assert generate(Engine(from_flag), MESSAGES, GREEDY).token_ids == expected
+
+
+def _tensors_and_tables(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    tensors, tables = {}, {}
+    for file in sorted(folder.glob("*.uqff")):
+        with safe_open(str(file), framework="pt") as handle:
+            tables.update(json.loads(handle.metadata()["tensors"]))
+            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118
+    return tensors, tables
+
+
+def test_quantize_command_writes_what_isq_loading_writes(wide: Path, tmp_path: Path) -> None:
+    load(str(wide), progress=False, isq="Q4K", write_uqff=tmp_path / "loaded")
+    out = subprocess.run(
+        [sys.executable, "-m", "idefix", "quantize", "-m", str(wide), "--isq", "4", "-o", str(tmp_path / "cmd")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"wrote a Q4_K UQFF of {wide} to {tmp_path / 'cmd'} in ")
+    loaded, loaded_tables = _tensors_and_tables(tmp_path / "loaded")
+    written, written_tables = _tensors_and_tables(tmp_path / "cmd")
+    assert written_tables == loaded_tables and written.keys() == loaded.keys()
+    assert all(torch.equal(written[name], loaded[name]) for name in loaded)
+    # The residual keeps the checkpoint's own dtype (it is converted when loaded, as the checkpoint would be).
+    with safe_open(str(wide / "model.safetensors"), framework="pt") as handle:
+        assert written["model.text_model.norm.weight"].dtype == handle.get_tensor("model.text_model.norm.weight").dtype
+
+
+def test_uqff_shards_at_the_size_limit(wide: Path, tmp_path: Path) -> None:
+    reference = load(str(wide), progress=False, isq="Q8_0")
+    writer = UqffWriter(tmp_path / "q8", Source("wide", None, config_digest(wide)), shard_bytes=2**20)
+    quantize_checkpoint(wide, IsqSpec.parse("Q8_0"), writer, progress=False)
+    files = writer.close(wide)
+    shards = sorted(p.name for p in (tmp_path / "q8").glob("model-*.uqff"))
+    assert len(shards) > 1 and shards[-1] == f"model-{len(shards):05d}-of-{len(shards):05d}.uqff"
+    assert not list((tmp_path / "q8").glob("*.part")) and len(files) == len(shards) + 1
+    sizes = [(tmp_path / "q8" / name).stat().st_size for name in shards]
+    assert max(sizes) < 2**20 + 2 * 2**20  # a shard closes as soon as it passes the limit
+    reread = load(str(tmp_path / "q8"), progress=False)
+    expected = generate(Engine(reference), MESSAGES, GREEDY).token_ids
+    assert generate(Engine(reread), MESSAGES, GREEDY).token_ids == expected
 
 
 def _rewrite(path: Path, edit) -> None:  # type: ignore[no-untyped-def]
