@@ -18,7 +18,10 @@ class VisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
-        self.position_embedding = nn.Embedding(self.per_side**2, config.hidden_size)
+        positions = self.per_side**2  # `_weight`: no random init (see the text embedding in llama.py)
+        self.position_embedding = nn.Embedding(
+            positions, config.hidden_size, _weight=torch.empty(positions, config.hidden_size)
+        )
 
     def forward(self, pixels: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
         """pixels [N, C, H, W], patch_mask [N, H/p, W/p] bool -> [N, H/p * W/p, hidden]."""
