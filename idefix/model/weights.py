@@ -22,7 +22,7 @@ from idefix.model.config import Idefics3Config
 from idefix.model.idefics3 import Idefics3Model
 from idefix.quant.apply import IsqSpec, swap_in
 from idefix.quant.ggml import GGMLType, quantize
-from idefix.quant.uqff import UqffWriter, config_digest, read_uqff
+from idefix.quant.uqff import SAFETENSORS_DTYPES, UqffWriter, config_digest, read_uqff
 
 DTYPES = {
     "fp32": torch.float32,
@@ -34,6 +34,7 @@ DTYPES = {
     "half": torch.float16,
 }
 LM_HEAD = "lm_head.weight"
+TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 TEXT_LAYER = re.compile(r"model\.text_model\.layers\.(\d+)\.")
 EMBED_TOKENS = "model.text_model.embed_tokens.weight"
 
@@ -69,14 +70,42 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _tensors(files: list[Path]) -> Iterator[tuple[str, Path, torch.Tensor]]:
+def _tensors(files: list[Path], mapped: bool) -> Iterator[tuple[str, Path, torch.Tensor]]:
+    """Every tensor of the safetensors `files` (safetensors checks each header and its offsets first).
+
+    mapped: the tensors share the file's memory-mapped pages (no copy; an fp32 checkpoint loaded as fp32
+    costs nothing extra, but every page read stays in this process's RSS while the file is open). Otherwise
+    each tensor is read into memory of its own, for tensors that are quantized and dropped at once: their
+    memory then goes with them, and the page cache they pass through is not this process's."""
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    yield name, file, handle.get_tensor(name)
+                if mapped:
+                    for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                        yield name, file, handle.get_tensor(name)
+                else:
+                    yield from _read_tensors(file)
         except SafetensorError as exc:
             raise ModelLoadError(f"{file} is not a readable safetensors file ({exc}); re-download it") from None
+
+
+def _read_tensors(file: Path) -> Iterator[tuple[str, Path, torch.Tensor]]:
+    """The tensors of a safetensors file that safetensors has validated, each read with plain file reads."""
+    with file.open("rb") as stream:
+        size = int.from_bytes(stream.read(8), "little")
+        header = json.loads(stream.read(size))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            dtype = TORCH_DTYPES[entry["dtype"]]
+            if begin == end:
+                yield name, file, torch.empty(entry["shape"], dtype=dtype)
+                continue
+            stream.seek(8 + size + begin)
+            buffer = bytearray(end - begin)
+            stream.readinto(buffer)
+            yield name, file, torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
 
 def _checkpoint_dtype(files: list[Path]) -> torch.dtype:
@@ -112,7 +141,8 @@ def checkpoint_weights(
         source = read_uqff(uqff, config_digest(model_dir))
     else:
         files = checkpoint_files(model_dir)
-        source = ((name, file, tensor, None, tuple(tensor.shape)) for name, file, tensor in _tensors(files))
+        tensors = _tensors(files, mapped=isq is None)  # quantized tensors are dropped as soon as they are read
+        source = ((name, file, tensor, None, tuple(tensor.shape)) for name, file, tensor in tensors)
     expected = expected_tensors(config)
     loaded: set[str] = set()
     desc = "Quantizing" if isq else "Loading weights"

@@ -20,7 +20,7 @@ from idefix.errors import IdefixError, ModelLoadError
 from idefix.generate import generate
 from idefix.loading import LoadedModel, load
 from idefix.model.attention import AttentionBatch
-from idefix.model.weights import quantize_checkpoint
+from idefix.model.weights import _tensors, checkpoint_files, quantize_checkpoint
 from idefix.quant.apply import IsqSpec
 from idefix.quant.ggml import GGMLType, dequantize, quantize
 from idefix.quant.linear import QuantLinear
@@ -142,6 +142,19 @@ def test_quantize_command_writes_what_isq_loading_writes(wide: Path, tmp_path: P
     # The residual keeps the checkpoint's own dtype (it is converted when loaded, as the checkpoint would be).
     with safe_open(str(wide / "model.safetensors"), framework="pt") as handle:
         assert written["model.text_model.norm.weight"].dtype == handle.get_tensor("model.text_model.norm.weight").dtype
+
+
+def test_reading_tensors_for_quantization_gives_the_mapped_tensors(wide: Path, tmp_path: Path) -> None:
+    # ISQ reads each tensor into its own memory (no lasting mmap pages); it must see exactly what safetensors maps.
+    mixed = tmp_path / "mixed.safetensors"
+    save_file(
+        {"a": torch.randn(3, 5).bfloat16(), "b": torch.arange(6, dtype=torch.int64), "e": torch.empty(0, 4)}, mixed
+    )
+    files = [*checkpoint_files(wide), mixed]
+    mapped = {name: t for name, _, t in _tensors(files, mapped=True)}
+    read = {name: t for name, _, t in _tensors(files, mapped=False)}
+    assert mapped.keys() == read.keys()
+    assert all(read[n].dtype == mapped[n].dtype and torch.equal(read[n], mapped[n]) for n in mapped)
 
 
 def test_uqff_shards_at_the_size_limit(wide: Path, tmp_path: Path) -> None:
