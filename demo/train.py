@@ -123,8 +123,7 @@ def lr_at(progress: float, step: int, peak: float, warmup: int) -> float:
 def progress_at(step: int, args: argparse.Namespace, elapsed: float) -> float:
     # With --minutes the schedule follows the wall clock, so that on a shared, unevenly loaded machine the
     # run still ends annealed on time; without it the run is step-based and bit-for-bit reproducible.
-    by_steps = step / args.steps
-    return max(by_steps, elapsed / (60 * args.minutes)) if args.minutes else by_steps
+    return elapsed / (60 * args.minutes) if args.minutes else step / args.steps
 
 
 def save_weights(model: torch.nn.Module, out: Path) -> None:
@@ -198,7 +197,7 @@ def train(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=3000, help="the schedule's length, unless --minutes is given")
     parser.add_argument("--out", default=str(ROOT / "idefix" / "demo" / "model"))
     parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget; anneal by time")
     parser.add_argument("--batch", type=int, default=16)
