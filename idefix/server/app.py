@@ -105,9 +105,8 @@ class OpenAICORS(CORSMiddleware):
             return response
         reason = bytes(response.body).decode()  # "Disallowed CORS origin, method"
         headers = {k: v for k, v in response.headers.items() if k.lower().startswith("access-control-")}
-        refusal = APIError(400, f"CORS preflight refused: {reason[0].lower()}{reason[1:]}", code="cors_refused")
-        refusal.headers = headers
-        return refusal.response()
+        message = f"CORS preflight refused: {reason[0].lower()}{reason[1:]}"
+        return APIError(400, message, code="cors_refused", headers=headers).response()
 
 
 async def read_body(request: Request, limit: int) -> bytes:
