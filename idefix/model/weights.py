@@ -132,23 +132,26 @@ class Weight:
 
 
 def checkpoint_weights(
-    model_dir: Path, config: Idefics3Config, isq: IsqSpec | None, uqff: Sequence[Path], progress: bool
+    model_dir: Path, model: Idefics3Model, isq: IsqSpec | None, uqff: Sequence[Path], progress: bool
 ) -> Iterator[Weight]:
-    """Every weight of the model that `config` describes, read one at a time from the safetensors checkpoint in
-    `model_dir` (or from UQFF files), checked against the module built from the config, and quantized as soon as
-    it is read when `isq` asks for it; a missing tensor is a ModelLoadError once the files are exhausted."""
+    """Every weight of `model` (built on `meta` from the checkpoint's config), read one at a time from the
+    safetensors checkpoint in `model_dir` (or from UQFF files), checked against the module, and quantized as soon
+    as it is read when `isq` asks for it; a missing tensor is a ModelLoadError once the files are exhausted."""
+    tied = model.config.tie_word_embeddings
     if uqff:
         source = read_uqff(uqff, config_digest(model_dir))
     else:
         files = checkpoint_files(model_dir)
         tensors = _tensors(files, mapped=isq is None)  # quantized tensors are dropped as soon as they are read
         source = ((name, file, tensor, None, tuple(tensor.shape)) for name, file, tensor in tensors)
-    expected = expected_tensors(config)
+    expected = dict(model.state_dict(keep_vars=True))
+    if tied:
+        expected.pop(LM_HEAD)
     loaded: set[str] = set()
     desc = "Quantizing" if isq else "Loading weights"
     bar = tqdm(total=len(expected), desc=desc, unit="tensor", disable=not progress, leave=False)
     for name, file, tensor, stored, shape in source:
-        if name == LM_HEAD and config.tie_word_embeddings:
+        if name == LM_HEAD and tied:
             continue  # tied checkpoints may still carry a copy; the embedding is the source of truth
         _check(name, file, shape, tensor, expected, stored)
         qtype = stored or (isq.type_for(name, shape) if isq else None)
@@ -160,15 +163,6 @@ def checkpoint_weights(
     missing = [f"{name} {tuple(expected[name].shape)}" for name in expected if name not in loaded]
     if missing:
         raise ModelLoadError(f"checkpoint in {model_dir} lacks {len(missing)} tensor(s): {', '.join(missing[:5])}")
-
-
-def expected_tensors(config: Idefics3Config) -> dict[str, torch.Tensor]:
-    """Name -> meta tensor of every weight the checkpoint must hold for `config`."""
-    with torch.device("meta"):
-        expected = dict(Idefics3Model(config).state_dict())
-    if config.tie_word_embeddings:
-        expected.pop(LM_HEAD)
-    return expected
 
 
 def load_model(
@@ -194,7 +188,7 @@ def load_model(
     target = resolve_dtype(dtype, device, stored_dtype)
     with torch.device("meta"):
         model = Idefics3Model(config)
-    for weight in checkpoint_weights(model_dir, config, isq, uqff, progress):
+    for weight in checkpoint_weights(model_dir, model, isq, uqff, progress):
         home = _home(weight.name, device, layer_devices)
         if weight.qtype is None:
             _assign(model, weight.name, weight.data.to(device=home, dtype=target))
@@ -211,10 +205,11 @@ def load_model(
 
 
 def quantize_checkpoint(model_dir: Path, isq: IsqSpec, writer: UqffWriter, progress: bool = True) -> None:
-    """Quantize the checkpoint in `model_dir` straight into `writer`, one tensor at a time, without building
-    a model: peak memory is one tensor and its blocks."""
-    config = Idefics3Config.from_dir(model_dir)
-    for weight in checkpoint_weights(model_dir, config, isq, (), progress):
+    """Quantize the checkpoint in `model_dir` straight into `writer`, one tensor at a time, without loading a
+    model (it is built on `meta` only to check the tensors against): peak memory is one tensor and its blocks."""
+    with torch.device("meta"):
+        model = Idefics3Model(Idefics3Config.from_dir(model_dir))
+    for weight in checkpoint_weights(model_dir, model, isq, (), progress):
         if weight.qtype is None:
             writer.add_residual(weight.name, weight.data)
         else:
