@@ -15,17 +15,16 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from benchmarks.quant_agreement import prompt_logits
 from idefix.engine.engine import Engine
 from idefix.errors import IdefixError, ModelLoadError
 from idefix.generate import generate
-from idefix.loading import LoadedModel, load
-from idefix.model.attention import AttentionBatch
+from idefix.loading import load
 from idefix.model.weights import _tensors, checkpoint_files, quantize_checkpoint
 from idefix.quant.apply import IsqSpec
 from idefix.quant.ggml import GGMLType, dequantize, quantize
 from idefix.quant.linear import QuantLinear
 from idefix.quant.uqff import RESIDUAL, Source, UqffWriter, config_digest
-from idefix.request import PreparedPrompt
 from idefix.sampling import SamplingParams
 from tests.checkpoints import Spec, build_checkpoint
 
@@ -69,17 +68,6 @@ def test_isq_spec_picks_layers_and_falls_back() -> None:
     assert spec.type_for("model.text_model.layers.0.mlp.down_proj.weight", (64, 40)) is None  # no block fits
 
 
-def _logits(loaded: LoadedModel, prompt: PreparedPrompt) -> torch.Tensor:
-    """Prompt logits, the image encoded by the vision tower (so its quantized layers count too)."""
-    model, ids = loaded.model, torch.tensor(prompt.token_ids)
-    assert prompt.images is not None
-    with torch.inference_mode():
-        features = model.encode_images(prompt.images.pixel_values, prompt.images.pixel_attention_mask)
-        cache = model.new_cache(1, len(ids))
-        hidden = model(model.embed(ids, features), cache, AttentionBatch.single(0, 0, len(ids)))
-        return model.logits(hidden)
-
-
 @pytest.mark.parametrize("isq", ["Q8_0", "Q6K", "Q5_0", "Q4K", "Q4_0", "Q3K"])
 def test_quantized_model_equals_the_model_with_quantized_weights(wide: Path, isq: str) -> None:
     """ISQ quantizes exactly the chosen layers, keeps biases and runs kernels true to the blocks: its logits
@@ -87,7 +75,7 @@ def test_quantized_model_equals_the_model_with_quantized_weights(wide: Path, isq
     full, quant = load(str(wide), progress=False), load(str(wide), progress=False, isq=isq)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     prompt = Engine(full).prepare([{"role": "user", "content": [{"type": "image", "image": image}, *TEXT]}])
-    original = _logits(full, prompt)
+    original = prompt_logits(full, prompt, prompt.token_ids)
     spec = IsqSpec.parse(isq)
     assert spec is not None
     swapped = 0
@@ -99,10 +87,10 @@ def test_quantized_model_equals_the_model_with_quantized_weights(wide: Path, isq
                 swapped += 1
     assert swapped == 2 * 7 + 2 * 6  # text and vision Linear layers of both blocks
     assert sum(isinstance(m, QuantLinear) for m in quant.model.modules()) == swapped
-    reference = _logits(full, prompt)
+    reference = prompt_logits(full, prompt, prompt.token_ids)
     quant_effect = (reference - original).abs().max()
     assert quant_effect > 0
-    assert (_logits(quant, prompt) - reference).abs().max() <= 0.5 * quant_effect
+    assert (prompt_logits(quant, prompt, prompt.token_ids) - reference).abs().max() <= 0.5 * quant_effect
 
 
 def test_uqff_round_trip_gives_identical_tokens(wide: Path, tmp_path: Path) -> None:
