@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -80,12 +81,13 @@ def load(
             raise ModelLoadError("writing UQFF needs a quantization type (isq)")
         writer = UqffWriter(write_uqff, Source(model_id or "demo", revision, config_digest(path)))
     layer_devices = None if plan is None else [p.device for p in plan.layers]
-    model = load_model(
-        path, dtype=dtype, device=device, progress=progress, isq=spec, uqff=uqff, writer=writer,
-        layer_devices=layer_devices,
-    )  # fmt: skip
-    if writer is not None:
-        writer.close(path)
+    with writer or contextlib.nullcontext():
+        model = load_model(
+            path, dtype=dtype, device=device, progress=progress, isq=spec, uqff=uqff, writer=writer,
+            layer_devices=layer_devices,
+        )  # fmt: skip
+        if writer is not None:
+            writer.close(path)
     processor = Processor.from_dir(path, model.config.image_seq_len)
     tokenizer = processor.tokenizer
     image_id = tokenizer.token_to_id("<image>")
@@ -122,9 +124,9 @@ def quantize_to_uqff(
     """Write `model_id` quantized to `isq` as a UQFF folder `out` (`idefix quantize`), one tensor at a time and
     without building a runnable model, so memory stays at one tensor; returns the GGML types used ("Q4_1+Q4_K")."""
     path = resolve_model(model_id, revision=revision, token=token)
-    writer = UqffWriter(out, Source(model_id or "demo", revision, config_digest(path)))
-    quantize_checkpoint(path, IsqSpec(parse_isq(isq)) if isinstance(isq, str) else isq, writer, progress)
-    writer.close(path)
+    with UqffWriter(out, Source(model_id or "demo", revision, config_digest(path))) as writer:
+        quantize_checkpoint(path, IsqSpec(parse_isq(isq)) if isinstance(isq, str) else isq, writer, progress)
+        writer.close(path)
     return "+".join(sorted(writer.types))
 
 

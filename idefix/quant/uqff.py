@@ -96,10 +96,17 @@ class StreamingSafetensors:
             shutil.copyfileobj(data, out, 16 * 2**20)
         self.part.unlink()
 
+    def discard(self) -> None:
+        """Delete the file and its partial data (a run that failed or was interrupted)."""
+        self.data.close()
+        self.part.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
+
 
 class UqffWriter:
     """Writes tensors as they are quantized: shards of at most `shard_bytes` of GGML blocks, and the residual
-    (every tensor kept unquantized, in the dtype it was given). Memory use stays at one tensor."""
+    (every tensor kept unquantized, in the dtype it was given). Memory use stays at one tensor.
+    Used as a context manager, a run that raises (or is interrupted) leaves no weight files behind."""
 
     def __init__(self, out_dir: str | Path, source: Source, shard_bytes: int = 2 * 2**30) -> None:
         self.out = Path(out_dir)
@@ -111,6 +118,21 @@ class UqffWriter:
         self.residual_entries: dict[str, dict] = {}
         self.shards: list[Path] = []
         self.types: set[str] = set()
+
+    def __enter__(self) -> UqffWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None:
+            self.abort()
+
+    def abort(self) -> None:
+        """Delete every weight file written so far, so that no half-written UQFF folder is left to load."""
+        for stream in (self.shard, self.residual):
+            if stream is not None:
+                stream.discard()
+        for path in self.shards:
+            path.unlink(missing_ok=True)
 
     def add_quantized(self, name: str, qtype: GGMLType, data: torch.Tensor, shape: tuple[int, ...]) -> None:
         if self.shard is None:

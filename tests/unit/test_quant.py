@@ -160,6 +160,21 @@ def test_uqff_shards_at_the_size_limit(wide: Path, tmp_path: Path) -> None:
     assert generate(Engine(reread), MESSAGES, GREEDY).token_ids == expected
 
 
+def test_failed_quantize_leaves_no_weight_files(wide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "q8"
+    writer = UqffWriter(out, Source("wide", None, config_digest(wide)), shard_bytes=2**20)
+
+    def add_then_fail(name: str, *args: object) -> None:
+        if writer.shards:  # interrupted with one shard done, the residual and a second shard open
+            raise KeyboardInterrupt
+        UqffWriter.add_quantized(writer, name, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer, "add_quantized", add_then_fail)
+    with pytest.raises(KeyboardInterrupt), writer:
+        quantize_checkpoint(wide, IsqSpec.parse("Q8_0"), writer, progress=False)
+    assert writer.shards and not [p.name for p in out.iterdir() if p.suffix in (".uqff", ".part")]
+
+
 def _rewrite(path: Path, edit) -> None:  # type: ignore[no-untyped-def]
     with safe_open(str(path), framework="pt") as handle:
         meta = dict(handle.metadata())
