@@ -21,6 +21,7 @@ from idefix.processing.processor import Processor
 from idefix.quant.apply import IsqSpec
 from idefix.quant.ggml import parse_isq
 from idefix.quant.linear import QuantLinear
+from idefix.quant.mistralrs_uqff import RESIDUAL as MISTRALRS_RESIDUAL
 from idefix.quant.uqff import Source, UqffWriter, config_digest, uqff_files
 
 
@@ -58,7 +59,8 @@ def load(
     isq: quantize while loading (a GGML type name such as "Q4K" or "Q8_0", or mistral.rs's shortcuts
     "4", "8", ...). from_uqff: pre-quantized UQFF files (paths, or one string with `;` between them;
     relative paths are looked up in the model folder). write_uqff: a folder to write the quantized model
-    to as UQFF (a complete model folder). A folder holding *.uqff files and no safetensors is read as UQFF.
+    to as UQFF (a complete model folder). A folder holding *.uqff files and no safetensors (but mistral.rs's
+    residual.safetensors) is read as UQFF; files written by mistral.rs are recognised and read too.
     num_device_layers / topology: a device map in mistral.rs syntax (`idefix.device_map`); a topology may
     also give text layer ranges their own ISQ type. With neither, a CUDA device gets an automatic plan when
     the model does not fit it whole.
@@ -181,7 +183,7 @@ def _is_isq(name: str) -> bool:
 
 def _uqff_paths(path: Path, from_uqff: str | Sequence[str | Path] | None) -> list[Path]:
     if from_uqff is None:
-        has_weights = any(path.glob("*.safetensors"))
+        has_weights = any(file.name != MISTRALRS_RESIDUAL for file in path.glob("*.safetensors"))
         return [] if has_weights else uqff_files(path)
     names = [p for p in from_uqff.split(";") if p.strip()] if isinstance(from_uqff, str) else list(from_uqff)
     files = [Path(name).expanduser() if Path(name).expanduser().is_absolute() else path / name for name in names]

@@ -21,7 +21,8 @@ from idefix.errors import ModelLoadError
 from idefix.model.config import Idefics3Config
 from idefix.model.idefics3 import Idefics3Model
 from idefix.quant.apply import IsqSpec, swap_in
-from idefix.quant.ggml import GGMLType, quantize
+from idefix.quant.ggml import GGMLType, dequantize, quantize
+from idefix.quant.mistralrs_uqff import is_mistralrs_uqff, read_mistralrs_uqff
 from idefix.quant.uqff import SAFETENSORS_DTYPES, UqffWriter, config_digest, read_uqff
 
 DTYPES = {
@@ -135,10 +136,13 @@ def checkpoint_weights(
     model_dir: Path, model: Idefics3Model, isq: IsqSpec | None, uqff: Sequence[Path], progress: bool
 ) -> Iterator[Weight]:
     """Every weight of `model` (built on `meta` from the checkpoint's config), read one at a time from the
-    safetensors checkpoint in `model_dir` (or from UQFF files), checked against the module, and quantized as soon
-    as it is read when `isq` asks for it; a missing tensor is a ModelLoadError once the files are exhausted."""
+    safetensors checkpoint in `model_dir` (or from UQFF files, idefix's or mistral.rs's), checked against the module,
+    and quantized as soon as it is read when `isq` asks for it; a missing tensor is a ModelLoadError once the files
+    are exhausted. Token embeddings and the LM head are always held dense: blocks stored for them are dequantized."""
     tied = model.config.tie_word_embeddings
-    if uqff:
+    if uqff and any(map(is_mistralrs_uqff, uqff)):
+        source = read_mistralrs_uqff(uqff)
+    elif uqff:
         source = read_uqff(uqff, config_digest(model_dir))
     else:
         files = checkpoint_files(model_dir)
@@ -154,6 +158,8 @@ def checkpoint_weights(
         if name == LM_HEAD and tied:
             continue  # tied checkpoints may still carry a copy; the embedding is the source of truth
         _check(name, file, shape, tensor, expected, stored)
+        if stored and name in (EMBED_TOKENS, LM_HEAD):  # mistral.rs quantizes these too (UQFF 1.2)
+            tensor, stored = dequantize(tensor, stored, shape[-1]), None
         qtype = stored or (isq.type_for(name, shape) if isq else None)
         data = quantize(tensor.float(), qtype) if qtype and not stored else tensor
         yield Weight(name, data, qtype, shape)

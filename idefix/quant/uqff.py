@@ -26,6 +26,8 @@ from idefix.quant.ggml import GGMLType
 UQFF_FORMAT = "idefix-uqff"
 UQFF_VERSION = 1
 RESIDUAL = "residual.uqff"
+# (name, file, tensor, GGML type or None for an unquantized tensor, logical shape): what UQFF readers yield
+StoredTensor = tuple[str, Path, torch.Tensor, GGMLType | None, tuple[int, ...]]
 SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "chat_template.json", "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
@@ -196,9 +198,7 @@ def uqff_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.uqff"))
 
 
-def read_uqff(
-    files: Sequence[Path], config_sha256: str
-) -> Iterator[tuple[str, Path, torch.Tensor, GGMLType | None, tuple[int, ...]]]:
+def read_uqff(files: Sequence[Path], config_sha256: str) -> Iterator[StoredTensor]:
     """(name, file, tensor, GGML type or None for a residual tensor, logical shape) for every tensor."""
     for file in files:
         try:
@@ -228,9 +228,7 @@ def _check_header(file: Path, meta: dict[str, str], config_sha256: str) -> dict[
     return entries if isinstance(entries, dict) else {}
 
 
-def _checked(
-    file: Path, name: str, tensor: torch.Tensor, entries: dict[str, dict]
-) -> tuple[str, Path, torch.Tensor, GGMLType | None, tuple[int, ...]]:
+def _checked(file: Path, name: str, tensor: torch.Tensor, entries: dict[str, dict]) -> StoredTensor:
     entry = entries.get(name)
     if entry is None:
         raise ModelLoadError(f"{file}: tensor {name!r} is not in the file's tensor table")
