@@ -104,6 +104,10 @@ SPECS = [
     ),
 ]
 
+# 256-wide layers so every K type applies without fallback.
+WIDE = Spec("wide", patch=16, tile=64, scale=2, heads=16, kv_heads=4, tied=False, split=True, longest_edge=128,
+            intermediate=512, vision_hidden=256, vision_intermediate=512)  # fmt: skip
+
 
 def build_checkpoint(spec: Spec, out: Path, seed: int = 0) -> Path:
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration

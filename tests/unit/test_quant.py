@@ -26,11 +26,8 @@ from idefix.quant.ggml import GGMLType, dequantize, quantize
 from idefix.quant.linear import QuantLinear
 from idefix.quant.uqff import RESIDUAL, Source, UqffWriter, config_digest
 from idefix.sampling import SamplingParams
-from tests.checkpoints import Spec, build_checkpoint
+from tests.checkpoints import WIDE, build_checkpoint
 
-# 256-wide layers so every K type applies without fallback.
-WIDE = Spec("wide", patch=16, tile=64, scale=2, heads=16, kv_heads=4, tied=False, split=True, longest_edge=128,
-            intermediate=512, vision_hidden=256, vision_intermediate=512)  # fmt: skip
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
 TEXT = [{"type": "text", "text": "Describe the picture in one sentence, please."}]
 MESSAGES = [{"role": "user", "content": TEXT}]
