@@ -155,6 +155,10 @@ def _drop_residual(folder: Path) -> None:
     (folder / "residual.safetensors").unlink()
 
 
+def _second_shard_set(folder: Path) -> None:
+    shutil.copyfile(folder / SHARD, folder / "other-0.uqff")
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -163,8 +167,9 @@ def _drop_residual(folder: Path) -> None:
         (_edit_shard(_lost_block), rf"layer '{LAYER}' holds .* bytes of Q8_0 \[256, 512\]; the file is corrupt"),
         (_truncate_residual, "residual.safetensors is not a readable mistral.rs UQFF file"),
         (_drop_residual, "residual.safetensors is missing"),
+        (_second_shard_set, "is stored twice; name one quantization's shards with --from-uqff"),
     ],
-    ids=["hqq", "newer-major", "lost-block", "truncated", "no-residual"],
+    ids=["hqq", "newer-major", "lost-block", "truncated-residual", "no-residual", "two-shard-sets"],
 )
 def test_broken_or_unsupported_files_give_one_clear_error(
     q8_0: Path, tmp_path: Path, edit: Callable[[Path], None], message: str
