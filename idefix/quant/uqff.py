@@ -212,7 +212,9 @@ def read_uqff(files: Sequence[Path], config_sha256: str) -> Iterator[StoredTenso
 
 def _check_header(file: Path, meta: dict[str, str], config_sha256: str) -> dict[str, dict]:
     if meta.get("format") != UQFF_FORMAT:
-        raise ModelLoadError(f"{file} is not an idefix UQFF file (format {meta.get('format')!r})")
+        raise ModelLoadError(
+            f"{file} is neither an idefix UQFF file (format {meta.get('format')!r}) nor a mistral.rs UQFF 1.x shard"
+        )
     if meta.get("uqff_version") != str(UQFF_VERSION):
         raise ModelLoadError(
             f"{file} has UQFF version {meta.get('uqff_version')!r}; this idefix reads version {UQFF_VERSION}"

@@ -142,6 +142,11 @@ def _next_major_version(tensors: dict[str, torch.Tensor]) -> None:
     tensors["uqff.version.major"] = torch.tensor(2, dtype=torch.uint32)
 
 
+def _no_version(tensors: dict[str, torch.Tensor]) -> None:
+    for key in ("uqff.version.major", "uqff.version.minor", "uqff.version.patch"):
+        del tensors[key]
+
+
 def _lost_block(tensors: dict[str, torch.Tensor]) -> None:
     tensors[f"{LAYER}.weight"] = tensors[f"{LAYER}.weight"][: -GGMLType.Q8_0.type_size]
 
@@ -164,12 +169,13 @@ def _second_shard_set(folder: Path) -> None:
     [
         (_edit_shard(_hqq_layer), f"layer '{LAYER}' is a mistral.rs HQQ layer"),
         (_edit_shard(_next_major_version), r"mistral.rs UQFF 2\.2\.0; idefix reads UQFF 1\.0 to 1\.2"),
+        (_edit_shard(_no_version), "neither an idefix UQFF file .* nor a mistral.rs UQFF 1.x shard"),
         (_edit_shard(_lost_block), rf"layer '{LAYER}' holds .* bytes of Q8_0 \[256, 512\]; the file is corrupt"),
         (_truncate_residual, "residual.safetensors is not a readable mistral.rs UQFF file"),
         (_drop_residual, "residual.safetensors is missing"),
         (_second_shard_set, "is stored twice; name one quantization's shards with --from-uqff"),
     ],
-    ids=["hqq", "newer-major", "lost-block", "truncated-residual", "no-residual", "two-shard-sets"],
+    ids=["hqq", "newer-major", "pre-1.0", "lost-block", "truncated-residual", "no-residual", "two-shard-sets"],
 )
 def test_broken_or_unsupported_files_give_one_clear_error(
     q8_0: Path, tmp_path: Path, edit: Callable[[Path], None], message: str
