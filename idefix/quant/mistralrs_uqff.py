@@ -134,9 +134,9 @@ def _weight(file: Path, handle: Any, key: str, kind: int) -> StoredTensor:
     return name, file, data.reshape(shape[0], -1), qtype, shape
 
 
-def _check_bytes(file: Path, key: str, data: torch.Tensor, size: int, kind: str, shape: tuple[int, ...]) -> None:
+def _check_bytes(file: Path, key: str, data: torch.Tensor, size: int, label: str, shape: tuple[int, ...]) -> None:
     if data.dtype != torch.uint8 or data.numel() != size:
         raise ModelLoadError(
-            f"{file}: layer {key!r} holds {data.numel()} {data.dtype} values, not the {size} bytes of {kind} "
+            f"{file}: layer {key!r} holds {data.numel()} {data.dtype} values, not the {size} bytes of {label} "
             f"{list(shape)}; the file is corrupt"
         )

@@ -41,6 +41,7 @@ mistralrs.Runner(which=which, in_situ_quant=isq, no_paged_attn=True)
 """
 SHARD = "model-0.uqff"  # mistral.rs names shard K of `write_uqff=model.uqff` model-K.uqff
 LAYER = "model.text_model.layers.0.mlp.down_proj"
+VISION_LAYER = "model.vision_model.encoder.layers.0.mlp.fc1"  # one with a bias
 LINEARS = 2 * 7 + 2 * 6  # text and vision Linear layers of both blocks
 
 
@@ -123,6 +124,28 @@ def test_q4k_file_holds_faithful_blocks_and_loads_with_from_uqff(wide_hub: Path,
     assert sum(isinstance(m, QuantLinear) for m in loaded.model.modules()) == LINEARS
     quant_effect = (reference - original).abs().max()
     assert (_image_prompt_logits(loaded, full) - reference).abs().max() <= 0.5 * quant_effect
+
+
+def test_unquantized_and_float_fallback_layers_load_dense(q8_0: Path, tmp_path: Path) -> None:
+    """The two ways mistral.rs stores a layer it did not quantize: an unquantized entry (format 1, the float
+    tensor itself) and a GGML entry of ggml type F32 (raw float bytes); both load as plain Linear weights."""
+    folder = shutil.copytree(q8_0, tmp_path / "export")
+    tensors = load_file(folder / SHARD)
+    weights = {}
+    for key in (LAYER, VISION_LAYER):
+        shape = tuple(tensors.pop(f"{key}.weight.shape").tolist())
+        weights[key] = dequantize(tensors[f"{key}.weight"].view(shape[0], -1), GGMLType.Q8_0, shape[1])
+    tensors.pop(f"{LAYER}.weight.dtype")
+    tensors[f"{LAYER}.weight.format"] = torch.tensor(1, dtype=torch.uint8)
+    tensors[f"{LAYER}.weight"] = weights[LAYER]
+    tensors[f"{VISION_LAYER}.weight.dtype"] = torch.tensor(0, dtype=torch.uint32)
+    tensors[f"{VISION_LAYER}.weight.shape"] = torch.tensor(weights[VISION_LAYER].shape, dtype=torch.uint32)
+    tensors[f"{VISION_LAYER}.weight"] = weights[VISION_LAYER].view(torch.uint8).reshape(-1)
+    save_file(tensors, folder / SHARD)
+    model = load(str(folder), progress=False).model
+    for key, weight in weights.items():
+        assert torch.equal(model.get_parameter(f"{key}.weight"), weight), key
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == LINEARS - 2
 
 
 def _edit_shard(change: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
