@@ -13,13 +13,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from idefix.demo.scenes import PLURALS, Obj, Scene, describe, position_name, render  # noqa: E402
+from idefix.demo.scenes import PLURALS, SIZES, Obj, Scene, describe, position_name, render  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "idefix" / "demo" / "images"
 
 
-def obj(shape: str, colour: str, row: int, col: int, scale: float = 0.8) -> Obj:
-    return Obj(shape, colour, row, col, scale, 0.0, 0.0, 0.0)
+def obj(shape: str, colour: str, row: int, col: int, scale: float = SIZES[1]) -> Obj:
+    return Obj(shape, colour, row, col, scale)
 
 
 IMAGES = {
@@ -36,7 +36,7 @@ IMAGES = {
             obj("triangle", "purple", 2, 2),
         ),
     ),
-    "star.png": Scene(160, 120, "white", None, (obj("star", "orange", 1, 1, 0.9),)),
+    "star.png": Scene(160, 120, "white", None, (obj("star", "orange", 1, 1),)),
     "wide.png": Scene(192, 96, "black", 1234, (obj("cross", "white", 1, 0), obj("triangle", "red", 0, 2))),
     "crosses.png": Scene(
         120,

@@ -1,8 +1,12 @@
 """Seeded synthetic scenes with questions and short canonical answers, for the shipped demo model.
 
-A scene is a few flat shapes laid out on a 3x3 grid (one object per cell, so objects never overlap and
-every object has an unambiguous position name). Question templates are few and fixed and every answer
-is one canonical string, so a tiny model can learn them and evaluation can use exact match.
+A scene is a few flat shapes laid out on a 3x3 grid: one object per cell, centred in it, upright, in one of
+two sizes, so objects never overlap and every object has an unambiguous position name. The fixed placement is
+what makes the scenes learnable for the tiny from-scratch vision tower: with objects jittered inside their
+cells and rotated, it still could not tell the shapes apart after 2500 steps; centred, it finds 94% of them
+in 3000 (the processor's global tile squeezes every image to a square, so each cell lands on the same pixels).
+Question templates are few and fixed and every answer is one canonical string, so a tiny model can learn them
+and evaluation can use exact match.
 Pure Pillow + stdlib: the same code makes the training data, the held-out set and the bundled images.
 """
 
@@ -11,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
@@ -31,6 +35,7 @@ COLOURS = {
 BACKGROUNDS = {"grey": (128, 128, 128), "white": (250, 250, 250), "black": (15, 15, 15)}
 ROW_NAMES, COL_NAMES = ["top", "", "bottom"], ["left", "", "right"]
 # Width:height ratios; the wide and tall ones make the processor tile 2x1 / 1x2, the others 2x2.
+SIZES = (0.65, 0.9)  # small and large
 ASPECTS = [(1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (2, 1), (1, 2)]
 KINDS = ["shape", "colour", "count", "position", "presence", "colour_of_shape", "describe"]
 ALL_KINDS = [*KINDS, "two_image", "multi_turn"]
@@ -43,10 +48,7 @@ class Obj:
     colour: str
     row: int  # grid cell, 0..2 top to bottom
     col: int  # grid cell, 0..2 left to right
-    scale: float  # fraction of the cell's shorter side
-    dx: float  # jitter of the centre inside the cell, as a fraction of the cell size
-    dy: float
-    angle: float  # rotation in degrees for triangles and stars
+    scale: float  # size as a fraction of the cell's shorter side: one of SIZES
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ def describe(scene: Scene) -> str:
 # ---------------------------------------------------------------------------------------------- drawing
 
 
-def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+def _polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     if kind == "triangle":
         radii, n = [r], 3
     elif kind == "star":
@@ -95,7 +97,7 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
         k = {1: a, -1: -a, 3: r, -3: -r}
         return [(cx + k[x], cy + k[y]) for x, y in CROSS]
     step = 2 * math.pi / n
-    start = math.radians(angle) - math.pi / 2
+    start = -math.pi / 2  # a corner pointing up
     radius = [radii[i % len(radii)] for i in range(n)]
     return [
         (cx + radius[i] * math.cos(start + i * step), cy + radius[i] * math.sin(start + i * step)) for i in range(n)
@@ -119,8 +121,7 @@ def draw_objects(image: Image.Image, scene: Scene, fill: Callable[[Obj], tuple[i
     draw = ImageDraw.Draw(image)
     cell_w, cell_h = scene.width / 3, scene.height / 3
     for o in scene.objects:
-        cx = (o.col + 0.5 + o.dx) * cell_w
-        cy = (o.row + 0.5 + o.dy) * cell_h
+        cx, cy = (o.col + 0.5) * cell_w, (o.row + 0.5) * cell_h
         r = o.scale * min(cell_w, cell_h) / 2
         if o.shape == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill(o))
@@ -128,16 +129,14 @@ def draw_objects(image: Image.Image, scene: Scene, fill: Callable[[Obj], tuple[i
             s = r * 0.85  # a square of the same "radius" looks much bigger than the circle
             draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill(o))
         else:
-            draw.polygon(_polygon(o.shape, cx, cy, r, o.angle if o.shape != "cross" else 0.0), fill=fill(o))
+            draw.polygon(_polygon(o.shape, cx, cy, r), fill=fill(o))
 
 
 # ---------------------------------------------------------------------------------------------- scenes
 
 
 def _random_obj(rng: random.Random, shape: str, cell: int, colours: list[str]) -> Obj:
-    colour = rng.choice(colours)
-    scale, dx, dy = rng.uniform(0.6, 0.95), rng.uniform(-0.08, 0.08), rng.uniform(-0.08, 0.08)
-    return Obj(shape, colour, cell // 3, cell % 3, scale, dx, dy, rng.uniform(-20, 20))
+    return Obj(shape, rng.choice(colours), cell // 3, cell % 3, rng.choice(SIZES))
 
 
 def random_scene(rng: random.Random, shapes: list[str]) -> Scene:
@@ -171,20 +170,7 @@ def _unique(scene: Scene, key) -> list[Obj]:
 
 
 def _single_object(rng: random.Random) -> Scene:
-    scene = random_scene(rng, [rng.choice(SHAPES)])
-    if rng.random() < 0.5:
-        # Half the lone objects are drawn large (up to ~2 cells wide) around the centre: big, easy views
-        # of each shape and colour are what first teaches a from-scratch vision tower to see.
-        o = replace(
-            scene.objects[0],
-            row=1,
-            col=1,
-            scale=rng.uniform(1.1, 2.2),
-            dx=rng.uniform(-0.3, 0.3),
-            dy=rng.uniform(-0.3, 0.3),
-        )
-        scene = replace(scene, objects=(o,))
-    return scene
+    return random_scene(rng, [rng.choice(SHAPES)])
 
 
 def _count_turn(rng: random.Random) -> tuple[Scene, tuple[str, str]]:

@@ -1,5 +1,5 @@
 """The demo model's training script runs end to end (a few steps), and its training-only pieces are right:
-the per-token probe targets line up with the image tokens, and the edge stem is what it says."""
+the probe's targets line up with the global tile's tokens, and the edge stem is what it says."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import train  # noqa: E402
 
 def test_a_short_training_run_writes_a_model_idefix_loads(tmp_path: Path) -> None:
     out = tmp_path / "model"
-    command = [sys.executable, str(ROOT / "demo" / "train.py"), "--steps", "3", "--batch", "2", "--out", str(out)]
+    command = [sys.executable, str(ROOT / "demo" / "train.py"), "--steps", "3", "--vision-steps", "2", "--batch", "2"]
+    command += ["--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert '"steps": 3' in result.stdout
@@ -31,24 +32,36 @@ def test_a_short_training_run_writes_a_model_idefix_loads(tmp_path: Path) -> Non
     assert answer.usage.completion_tokens >= 1
 
 
-def test_dense_targets_mark_the_tokens_an_object_covers() -> None:
+def test_probe_targets_line_up_with_the_global_tile() -> None:
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(ROOT / "idefix" / "demo" / "model")
-    # A big square (side 0.85 x 2.2 cells = 80 of 128 px) centred in a plain black image: in the global tile
-    # (the last one, 64 px, 4x4 tokens of 16 px) it spans pixels 12-52, so it fills the 2x2 middle tokens and
-    # touches each corner token by 4x4 pixels only.
-    square = scenes.Obj("square", "red", 1, 1, 2.2, 0.0, 0.0, 0.0)
-    scene = scenes.Scene(128, 128, "black", None, (square,))
-    pixels = processor.image_processor([[scenes.render(scene)]], return_tensors="pt")["pixel_values"]
-    shape, colour = probe.dense_targets(processor.image_processor, [[scene]], pixels, tokens=16)
-    global_tile = shape[-1].view(4, 4, -1)
-    square_class = scenes.SHAPES.index("square") + 1
-    assert global_tile[1:3, 1:3, square_class].min() > 0.99
-    assert global_tile[0, 0, 0] > 0.9 and global_tile[3, 3, 0] > 0.9  # corners: (nearly) background only
-    red = list(scenes.COLOURS).index("red") + 1
-    assert torch.allclose(colour[..., red], shape[..., square_class])
-    assert torch.allclose(shape.sum(-1), torch.ones(shape.shape[:2]))
+    objects = (
+        scenes.Obj("circle", "red", 0, 0, scenes.SIZES[1]),
+        scenes.Obj("square", "green", 1, 1, scenes.SIZES[1]),
+        scenes.Obj("circle", "blue", 2, 2, scenes.SIZES[0]),
+    )
+    wide, square = scenes.Scene(192, 96, "black", None, objects), scenes.Scene(128, 128, "white", 7, objects[:1])
+    pixels = processor.image_processor([[scenes.render(wide)], [scenes.render(square)]], return_tensors="pt")
+    # The wide image has 2 tiles + global, the square one 4 + global: the probe must read each one's last tile.
+    tiles = torch.arange(8 * 16).view(8, 16, 1).float()
+    chosen = probe.global_tokens(tiles[:8], pixels["pixel_values"])
+    assert torch.equal(chosen, tiles[[2, 7]])
+    targets = probe.targets([wide, square], tile=64, side=4)
+    # Cells (row, col) (0, 0), (1, 1), (2, 2) have their centres in tokens (0, 0), (2, 2), (3, 3) of the 4x4 grid.
+    centres = targets["centre_shape"][0]
+    assert centres.nonzero().flatten().tolist() == [0, 10, 15]
+    assert centres[[0, 10, 15]].tolist() == [scenes.SHAPES.index(s) + 1 for s in ("circle", "square", "circle")]
+    assert targets["counts"][0].tolist() == [2, 1, 0, 0, 0] and targets["bg"].tolist() == [2, 1]
+    assert targets["cells"][0].sum() == 3 and targets["cells"][1].sum() == 1
+    # Where the processor's global tile shows green, the cover target says "green" (up to resampling edges).
+    global_tile = pixels["pixel_values"][0, 2] * 0.5 + 0.5  # un-normalise: mean 0.5, std 0.5
+    green = torch.tensor(scenes.COLOURS["green"]) / 255
+    is_green = ((global_tile - green[:, None, None]).abs().amax(0) < 0.05).float()
+    seen = torch.nn.functional.avg_pool2d(is_green[None], 16).flatten()
+    target = targets["cover_colour"][0, :, list(scenes.COLOURS).index("green") + 1]
+    assert (seen - target).abs().max() < 0.1 and target.max() > 0.1
+    assert torch.allclose(targets["cover_shape"].sum(-1), torch.ones(2, 16))
 
 
 def test_edge_stem_filters_are_unit_edges_and_flat_colours() -> None:
