@@ -66,12 +66,17 @@ class GlobalTileProbe(nn.Module):
         return cover + centre + bg + count + cells / x.shape[0] / 10
 
 
-def global_tokens(features: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The global tile's tokens of each sample: `features` [n_real_tiles, T, D] in sample order, `pixel_values`
-    [B, N, 3, H, W] of single-image samples, whose last real tile is the global one; all-zero tiles are padding
-    (the rule the model uses to drop them)."""
-    tiles_per_sample = (pixel_values != 0).flatten(2).any(-1).sum(1)
-    return features[tiles_per_sample.cumsum(0) - 1]
+def global_tiles(per_tile: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The global tile's entry of each sample: `per_tile` [n_real_tiles, ...] in sample order (the tiles
+    themselves, or their image tokens), `pixel_values` [B, N, 3, H, W] of single-image samples, whose last real
+    tile is the global one; all-zero tiles are padding (the rule the model uses to drop them)."""
+    tiles_per_sample = real_tiles(pixel_values).sum(1)
+    return per_tile[tiles_per_sample.cumsum(0) - 1]
+
+
+def real_tiles(pixel_values: torch.Tensor) -> torch.Tensor:
+    """[B, N] bool: which tiles of `pixel_values` [B, N, 3, H, W] are real (not all-zero padding)."""
+    return (pixel_values != 0).flatten(2).any(-1)
 
 
 def label_image(scene: scenes.Scene) -> Image.Image:

@@ -128,8 +128,7 @@ def vision_batch(processor, rng: random.Random, size: int) -> tuple[torch.Tensor
     shapes = [[rng.choice(scenes.SHAPES) for _ in range(rng.randint(1, 6))] for _ in range(size)]
     scene_list = [scenes.random_scene(rng, s) for s in shapes]
     pixels = processor.image_processor([[scenes.render(s)] for s in scene_list], return_tensors="pt")["pixel_values"]
-    real_tiles = (pixels != 0).flatten(2).any(-1).sum(1)
-    return pixels[torch.arange(size), real_tiles - 1], scene_list
+    return probe.global_tiles(pixels[probe.real_tiles(pixels)], pixels), scene_list
 
 
 def train_vision(model, head: probe.GlobalTileProbe, optim, processor, rng: random.Random, args) -> None:
@@ -222,7 +221,7 @@ def train(args: argparse.Namespace) -> None:
         lm_loss = loss = model(**batch).loss
         # The probe reads single-image batches only, where each sample's last tile is its image's global tile.
         if len(scene_lists[0]) == 1 and args.probe_weight > 0:
-            features = probe.global_tokens(captured[0], batch["pixel_values"])
+            features = probe.global_tiles(captured[0], batch["pixel_values"])
             targets = probe.targets([s[0] for s in scene_lists], build.TILE, side)
             loss = loss + args.probe_weight * head(features, targets)
         loss.backward()

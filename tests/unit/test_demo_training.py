@@ -45,7 +45,7 @@ def test_probe_targets_line_up_with_the_global_tile() -> None:
     pixels = processor.image_processor([[scenes.render(wide)], [scenes.render(square)]], return_tensors="pt")
     # The wide image has 2 tiles + global, the square one 4 + global: the probe must read each one's last tile.
     tiles = torch.arange(8 * 16).view(8, 16, 1).float()
-    chosen = probe.global_tokens(tiles[:8], pixels["pixel_values"])
+    chosen = probe.global_tiles(tiles[:8], pixels["pixel_values"])
     assert torch.equal(chosen, tiles[[2, 7]])
     targets = probe.targets([wide, square], tile=64, side=4)
     # Cells (row, col) (0, 0), (1, 1), (2, 2) have their centres in tokens (0, 0), (2, 2), (3, 3) of the 4x4 grid.
