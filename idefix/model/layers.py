@@ -12,16 +12,19 @@ from torch import nn
 from idefix.errors import ModelLoadError
 from idefix.model.config import TextConfig
 
+# In place: the model never runs under autograd (its weights never require grad), and overwriting a projection's
+# fresh output spares a tensor as large as the MLP's widest activation (on the CPU, fresh memory is slow to touch).
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
+    "silu": lambda x: F.silu(x, inplace=True),
+    "gelu": lambda x: torch.ops.aten.gelu_(x),
+    "gelu_pytorch_tanh": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "gelu_new": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "relu": lambda x: F.relu(x, inplace=True),
 }
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation `name`, applied in place (see ACTIVATIONS)."""
     try:
         return ACTIVATIONS[name]
     except KeyError:
@@ -52,7 +55,7 @@ class GatedMLP(nn.Module):
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)).mul_(self.up_proj(x)))
 
 
 def rope_inv_freq(config: TextConfig) -> torch.Tensor:

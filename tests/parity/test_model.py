@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from idefix.model import siglip
 from idefix.model.attention import AttentionBatch
 from idefix.model.idefics3 import Idefics3Model
 from idefix.model.weights import load_model
@@ -45,6 +46,21 @@ def _our_prefill(model: Idefics3Model, inputs: dict) -> tuple[torch.Tensor, obje
     cache = model.new_cache(num_slots=1, max_len=ids.shape[0] + STEPS + 1)
     hidden = model(model.embed(ids, image_embeds), cache, AttentionBatch.single(0, 0, ids.shape[0]))
     return model.logits(hidden), cache
+
+
+def test_tiles_encoded_one_group_at_a_time_match_reference(
+    checkpoint: tuple[Spec, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU path that sends tiles through the vision tower in groups (here one tile each) changes nothing."""
+    monkeypatch.setattr(siglip, "CPU_GROUP_BYTES", 1)
+    _, path = checkpoint
+    reference = transformers.Idefics3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    inputs = _reference_inputs(path, _images())
+    assert inputs["pixel_values"].shape[1] > 1  # several tiles, so several groups
+    with torch.no_grad():
+        expected = reference(**inputs).logits[0]
+        logits, _ = _our_prefill(load_model(path, dtype="fp32", progress=False), inputs)
+    assert (logits - expected).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize("num_images", [0, 1, 2])
