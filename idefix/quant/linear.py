@@ -7,14 +7,17 @@ into whatever the fastest kernel on the device wants:
 |-----------|----------------------|-------------------------------------------------------------------|
 | `int4`    | Q4_0, Q4_1, Q4_K     | torch's packed int4 matmul, groups of 32: w = (q - 8) * scale + zero, |
 |           |                      | exact up to bf16 rounding of scale and zero; bf16 activations     |
+| `q8_0`    | Q8_0, on AVX-512     | int8 q [N, K] + fp32 scale per block: up to 16 rows, the native   |
+|           | CPUs with the native | kernel (idefix/quant/q8_0.c, fp32 activations, exact up to the    |
+|           | kernel built         | order of additions); more rows, a matmul on q * scale in fp32     |
 | `fp16`    | every other type     | dequantized once to fp16 (2 bytes per weight), fp16 matmul: the   |
 |           |                      | fp16 rounding is far below any GGML type's own error              |
 | `dequant` | any type on a non-CPU | dequantize the blocks on each call, then a plain matmul: exact,   |
 |           | device               | slow; `idefix bench` shows it                                     |
 
-torch's int8 weight-only kernel was tried for Q8_0 and rejected: it needs one scale per output row, and
-re-rounding Q8_0's 32-weight blocks to per-row scales (plus bf16 activations) erred 1.4x as much as Q8_0
-itself; `tests/unit/test_quant.py` holds every kernel to half the format's own error.
+torch's int8 weight-only kernel was tried for Q8_0 (before the native one) and rejected: it needs one scale per
+output row, and re-rounding Q8_0's 32-weight blocks to per-row scales (plus bf16 activations) erred 1.4x as much
+as Q8_0 itself; `tests/unit/test_quant.py` holds every kernel to half the format's own error.
 
 Nothing outside this package knows the scheme: the model sees an nn.Module with `forward(x)`.
 """
@@ -25,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idefix.quant.ggml import GGMLType, dequantize, int4_groups
+from idefix.quant import native
+from idefix.quant.ggml import GGMLType, dequantize, int4_groups, int8_blocks
 
 INT4_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K})
 INT4_GROUP = 32
@@ -36,6 +40,8 @@ def pick_kernel(qtype: GGMLType, device: torch.device) -> str:
         return "dequant"
     if qtype in INT4_TYPES:
         return "int4"
+    if qtype is GGMLType.Q8_0 and native.q8_0_available():
+        return "q8_0"
     return "fp16"
 
 
@@ -60,6 +66,8 @@ class QuantLinear(nn.Module):
         self.packed: torch.Tensor
         self.scales_and_zeros: torch.Tensor
         self.fp16: torch.Tensor
+        self.q8: torch.Tensor
+        self.q8_scale: torch.Tensor
         self.data: torch.Tensor
         if self.kernel == "int4":
             q, scale, zero = int4_groups(data, qtype, in_features)
@@ -68,6 +76,10 @@ class QuantLinear(nn.Module):
             # [K / 32, N, 2]: (scale, zero) per group and output row, as the kernel wants them
             pairs = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
             self.register_buffer("scales_and_zeros", pairs, persistent=False)
+        elif self.kernel == "q8_0":
+            q, scale = int8_blocks(data, in_features)
+            self.register_buffer("q8", q.contiguous(), persistent=False)
+            self.register_buffer("q8_scale", scale.float().contiguous(), persistent=False)
         elif self.kernel == "fp16":
             self.register_buffer("fp16", dequantize(data, qtype, in_features).half(), persistent=False)
         else:
@@ -78,20 +90,29 @@ class QuantLinear(nn.Module):
         return dequantize(self.data, self.qtype, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, self.in_features)
+        # Decode calls this ~200 times a step with 2-D activations: each no-op view skipped is ~1 us saved.
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if self.kernel == "int4":
             out = torch._weight_int4pack_mm_for_cpu(
                 flat.to(torch.bfloat16), self.packed, INT4_GROUP, self.scales_and_zeros
             )
+        elif self.kernel == "q8_0":
+            if flat.dtype != torch.float32 or not flat.is_contiguous():
+                flat = flat.float().contiguous()
+            if flat.shape[0] <= native.Q8_0_MAX_ROWS:
+                out = native.q8_0_matmul(flat, self.q8, self.q8_scale)
+            else:
+                weight = (self.q8.view(self.out_features, -1, 32) * self.q8_scale[..., None]).view_as(self.q8)
+                out = F.linear(flat, weight)
         elif self.kernel == "fp16":
             out = F.linear(flat.half(), self.fp16)
         else:
             out = F.linear(flat.to(self.dtype), self.dequantized().to(flat.device, self.dtype))
-        out = out.to(x.dtype)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
-        return out.reshape(*shape[:-1], self.out_features)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.qtype.name}, kernel={self.kernel}"

@@ -21,6 +21,7 @@ from idefix.errors import IdefixError, ModelLoadError
 from idefix.generate import generate
 from idefix.loading import load
 from idefix.model.weights import _tensors, checkpoint_files, quantize_checkpoint
+from idefix.quant import native
 from idefix.quant.apply import IsqSpec
 from idefix.quant.ggml import GGMLType, dequantize, quantize
 from idefix.quant.linear import QuantLinear
@@ -48,10 +49,26 @@ def test_kernel_matches_dequantize_then_matmul(qtype: GGMLType) -> None:
     reference = x @ dequantize(data, qtype, 512).t()
     quant_error = (reference - x @ weight.t()).norm()
     kernel_error = (layer(x) - reference).norm()
-    # The fast kernels round activations (and int8 re-rounds Q8_0 rows): small next to the quantization itself.
+    # The int4 and fp16 kernels round activations: small next to the quantization itself.
     assert kernel_error <= 0.5 * quant_error, f"{layer.kernel}: {kernel_error:.4g} vs {quant_error:.4g}"
-    if layer.kernel == "dequant":
+    if layer.kernel in ("dequant", "q8_0"):
         assert kernel_error <= 1e-4 * reference.norm()
+
+
+@pytest.mark.skipif(not native.q8_0_available(), reason="the native Q8_0 kernel is not built or the CPU lacks AVX-512")
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 40])
+def test_native_q8_0_kernel_is_dequantize_then_matmul(rows: int) -> None:
+    """Up to 16 rows the native kernel, beyond them a matmul on the dequantized weight; both in fp32, so only the
+    order of the additions differs from dequantize-then-matmul."""
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(200, 1024, generator=gen) * 0.05
+    x = torch.randn(rows, 1024, generator=gen)
+    data = quantize(weight, GGMLType.Q8_0)
+    bias = torch.randn(200, generator=gen)
+    layer = QuantLinear(1024, 200, GGMLType.Q8_0, data, bias, torch.float32)
+    assert layer.kernel == "q8_0"
+    reference = x @ dequantize(data, GGMLType.Q8_0, 1024).t() + bias
+    torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
 
 
 def test_isq_spec_picks_layers_and_falls_back() -> None:

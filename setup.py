@@ -1,0 +1,31 @@
+"""Builds idefix's optional native kernel, idefix/quant/q8_0.c (everything else is in pyproject.toml).
+
+Where it cannot be built (no C compiler, not Linux on x86-64) the install goes on without it, and idefix uses
+its PyTorch kernels (idefix/quant/linear.py says which kernel serves which type).
+"""
+
+import platform
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class OptionalBuildExt(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as error:  # a missing compiler, or one without OpenMP or AVX-512 intrinsics
+            print(f"idefix: the native kernel {ext.name} was not built ({error}); the PyTorch kernels serve instead")
+
+
+NATIVE = sys.platform.startswith("linux") and platform.machine() == "x86_64"
+KERNELS = [
+    Extension(
+        "idefix.quant._q8_0",
+        sources=["idefix/quant/q8_0.c"],
+        extra_compile_args=["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
+    )
+]
+setup(ext_modules=KERNELS if NATIVE else [], cmdclass={"build_ext": OptionalBuildExt})
