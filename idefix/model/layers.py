@@ -91,14 +91,16 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions [N] -> cos, sin [N, head_dim]
+        """positions [N] -> cos, signed sin [N, 1, head_dim], once per forward pass for every layer.
+
+        The signed sin is (-sin, sin) over the two halves, so that `apply_rotary` can rotate with one roll:
+        x * cos + roll(x) * signed_sin is bit for bit the reference's x * cos + cat(-x2, x1) * sin."""
         freqs = positions.float()[..., None] * self.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        sin = freqs.sin()
+        cos = torch.cat((freqs, freqs), dim=-1).cos()
+        return cos.to(dtype)[:, None], torch.cat((-sin, sin), dim=-1).to(dtype)[:, None]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [N, H, D]; cos, sin [N, D]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    # x [N, H, D]; cos, signed_sin [N, 1, D] from Rotary: 4 ops a call instead of 9 (decode runs 2 per layer)
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
