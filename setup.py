@@ -6,12 +6,18 @@ its PyTorch kernels (idefix/quant/linear.py says which kernel serves which type)
 
 import platform
 import sys
+from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 
 class OptionalBuildExt(build_ext):
+    def run(self) -> None:
+        for ext in self.extensions:  # an editable install copies the library into the source tree, folder and all
+            Path(*ext.name.split(".")[:-1]).mkdir(parents=True, exist_ok=True)
+        super().run()
+
     def build_extension(self, ext: Extension) -> None:
         try:
             super().build_extension(ext)
@@ -22,7 +28,9 @@ class OptionalBuildExt(build_ext):
 NATIVE = sys.platform.startswith("linux") and platform.machine() == "x86_64"
 KERNELS = [
     Extension(
-        "idefix.quant._q8_0",
+        # In a folder without __init__.py: a plain shared library, not a module, so that nothing that walks
+        # idefix's packages (pkgutil) mistakes it for one and tries to import it.
+        "idefix.quant._native.q8_0",
         sources=["idefix/quant/q8_0.c"],
         extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],

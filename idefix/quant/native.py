@@ -1,8 +1,8 @@
 """idefix's optional native kernel: Q8_0 matrix-vector products on AVX-512 CPUs (idefix/quant/q8_0.c).
 
-setup.py builds it next to this file when it can; it is a plain shared library (no Python module), loaded with
-ctypes once PyTorch is imported, so that its OpenMP loops run on PyTorch's own thread pool. Absent, unloadable
-or on a CPU without AVX-512, `q8_0_available()` is False and the PyTorch kernels serve.
+setup.py builds it into _native/ beside this file when it can; it is a plain shared library (no Python module),
+loaded with ctypes once PyTorch is imported, so that its OpenMP loops run on PyTorch's own thread pool. Absent,
+unloadable or on a CPU without AVX-512, `q8_0_available()` is False and the PyTorch kernels serve.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ Q8_0_MAX_ROWS = 16  # beyond this many rows a matmul on the dequantized weight i
 
 
 def _load_q8_0() -> Callable[..., None] | None:
-    folder = Path(__file__).resolve().parent
-    paths = [folder / f"_q8_0{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    folder = Path(__file__).resolve().parent / "_native"  # where setup.py builds it
+    paths = [folder / f"q8_0{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
     path = next((p for p in paths if p.exists()), None)
     if path is None:
         return None
