@@ -265,8 +265,20 @@ def multi_turn(rng: random.Random) -> Example:
     return Example("multi_turn", (scene,), turns)
 
 
+def _one_attribute_question(rng: random.Random, scene: Scene) -> tuple[str, str]:
+    """Presence of one attribute ("Is there a circle?", "Is there anything red?"): a stepping stone to the
+    colour-and-shape questions, not a held-out question type."""
+    if rng.random() < 0.5:
+        shape = rng.choice(SHAPES)
+        return f"Is there a {shape}?", "yes" if scene.count(shape) else "no"
+    colour = rng.choice(list(COLOURS))
+    return f"Is there anything {colour}?", "yes" if any(o.colour == colour for o in scene.objects) else "no"
+
+
 def extra_turn(rng: random.Random, scene: Scene) -> tuple[str, str]:
     """One more independent question about an existing scene; training packs several per image."""
+    if rng.random() < 0.3:
+        return _one_attribute_question(rng, scene)
     shapes = sorted({o.shape for o in scene.objects})
     choice = rng.randrange(5)
     if choice == 4:

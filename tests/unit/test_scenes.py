@@ -61,6 +61,12 @@ def _check_answer(scene: scenes.Scene, question: str, answer: str) -> None:
     elif question.startswith("How many "):
         shape = next(s for s, p in scenes.PLURALS.items() if f" {p} " in question)
         assert answer == str(scene.count(shape))
+    elif question.startswith("Is there anything "):
+        colour = question.removeprefix("Is there anything ").removesuffix("?")
+        assert answer == ("yes" if any(o.colour == colour for o in objects) else "no")
+    elif question.removeprefix("Is there a ").removesuffix("?") in scenes.SHAPES:
+        shape = question.removeprefix("Is there a ").removesuffix("?")
+        assert answer == ("yes" if scene.count(shape) else "no")
     elif question.startswith("Is there a "):
         colour, shape = question.removeprefix("Is there a ").removesuffix("?").split()
         assert answer == ("yes" if any((o.colour, o.shape) == (colour, shape) for o in objects) else "no")
