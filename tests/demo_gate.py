@@ -29,8 +29,10 @@ def demo_meets_targets() -> bool:
 
 def expect_demo_answer(answer: str, expected: str) -> None:
     """Assert the demo model answered `expected` (case and a final full stop aside); see the module doc."""
-    got = answer.strip().rstrip(".").lower()
-    if got == expected.lower():
+    def normal(text: str) -> str:
+        return text.strip().rstrip(".").lower()
+
+    if normal(answer) == normal(expected):
         return
     message = f"the demo model answered {answer.strip()!r}, expected {expected!r}"
     if demo_meets_targets():
