@@ -29,6 +29,7 @@ def demo_meets_targets() -> bool:
 
 def expect_demo_answer(answer: str, expected: str) -> None:
     """Assert the demo model answered `expected` (case and a final full stop aside); see the module doc."""
+
     def normal(text: str) -> str:
         return text.strip().rstrip(".").lower()
 

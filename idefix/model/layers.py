@@ -11,6 +11,7 @@ from torch import nn
 
 from idefix.errors import ModelLoadError
 from idefix.model.config import TextConfig
+from idefix.quant.linear import QuantLinear
 
 # In place: the model never runs under autograd (its weights never require grad), and overwriting a projection's
 # fresh output spares a tensor as large as the MLP's widest activation (on the CPU, fresh memory is slow to touch).
@@ -52,9 +53,20 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
         self.act = activation(act)
+        self.gate_up_proj: QuantLinear | None = None  # gate and up in one layer once fused (see LlamaModel)
+
+    def fuse_projections(self) -> None:
+        fused = QuantLinear.concat([self.gate_proj, self.up_proj])
+        if fused is not None:
+            self.gate_up_proj = fused
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)).mul_(self.up_proj(x)))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).split(self.gate_up_proj.splits, dim=-1)
+        return self.down_proj(self.act(gate).mul_(up))
 
 
 def rope_inv_freq(config: TextConfig) -> torch.Tensor:

@@ -8,6 +8,7 @@ from torch import nn
 from idefix.model.attention import AttentionBatch, KVCache, write_and_attend
 from idefix.model.config import TextConfig
 from idefix.model.layers import GatedMLP, RMSNorm, Rotary, apply_rotary
+from idefix.quant.linear import QuantLinear
 
 
 class LlamaAttention(nn.Module):
@@ -19,6 +20,13 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.kv_heads * dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.kv_heads * dim, bias=bias)
         self.o_proj = nn.Linear(self.heads * dim, hidden, bias=bias)
+        self.qkv_proj: QuantLinear | None = None  # q, k, v in one layer once `fuse_projections` could merge them
+
+    def fuse_projections(self) -> None:
+        fused = QuantLinear.concat([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self.qkv_proj = fused
+            del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
         self,
@@ -28,9 +36,13 @@ class LlamaAttention(nn.Module):
         at: AttentionBatch,
     ) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.heads, self.head_dim)  # [N, H, D]
-        k = self.k_proj(x).view(n, self.kv_heads, self.head_dim)  # [N, Hkv, D]
-        v = self.v_proj(x).view(n, self.kv_heads, self.head_dim)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split(self.qkv_proj.splits, dim=-1)
+        q = q.view(n, self.heads, self.head_dim)  # [N, H, D]
+        k = k.view(n, self.kv_heads, self.head_dim)  # [N, Hkv, D]
+        v = v.view(n, self.kv_heads, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         return self.o_proj(write_and_attend(q, k, v, pools, at).reshape(n, -1))
 
@@ -72,6 +84,14 @@ class LlamaModel(nn.Module):
     def layer_devices(self) -> list[torch.device]:
         """Each decoder layer's device (they differ under a device map)."""
         return [layer.input_layernorm.weight.device for layer in self.decoder_layers()]
+
+    def fuse_projections(self) -> None:
+        """Merge each layer's quantized q/k/v and gate/up projections into one layer each (QuantLinear.concat):
+        fewer, larger kernel calls per decode step. Unquantized layers stay apart (one GEMM call each is
+        already near the bound, and joining fp32 weights would copy them)."""
+        for layer in self.decoder_layers():
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
     def decoder_layers(self) -> list[LlamaDecoderLayer]:
         return [layer for layer in self.layers if isinstance(layer, LlamaDecoderLayer)]

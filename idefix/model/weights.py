@@ -207,6 +207,7 @@ def load_model(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.text_model.embed_tokens.weight
     model.model.text_model.rotary.to(device)  # the only buffer not loaded from the checkpoint
+    model.model.text_model.fuse_projections()
     return model.eval().requires_grad_(False)
 
 

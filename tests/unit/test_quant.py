@@ -71,6 +71,35 @@ def test_native_q8_0_kernel_is_dequantize_then_matmul(rows: int) -> None:
     torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("qtype", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q5_0])
+@pytest.mark.parametrize("rows", [1, 20])
+def test_merged_layers_compute_exactly_what_the_parts_do(qtype: GGMLType, rows: int) -> None:
+    """QuantLinear.concat (q/k/v and gate/up at load): the parts' outputs side by side, bit for bit."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, 512, generator=gen)
+    parts = []
+    for out in (128, 64, 64):
+        data = quantize(torch.randn(out, 512, generator=gen) * 0.05, qtype)
+        parts.append(QuantLinear(512, out, qtype, data, torch.randn(out, generator=gen), torch.float32))
+    merged = QuantLinear.concat(parts)
+    assert merged is not None and merged.splits == (128, 64, 64) and merged.kernel == parts[0].kernel
+    assert torch.equal(merged(x), torch.cat([p(x) for p in parts], dim=-1))
+
+
+def test_only_layers_of_one_kind_merge() -> None:
+    gen = torch.Generator().manual_seed(2)
+
+    def layer(out: int, qtype: GGMLType, bias: bool = False) -> QuantLinear:
+        data = quantize(torch.randn(out, 256, generator=gen), qtype)
+        return QuantLinear(256, out, qtype, data, torch.zeros(out) if bias else None, torch.float32)
+
+    assert QuantLinear.concat([layer(64, GGMLType.Q8_0), layer(64, GGMLType.Q4_0)]) is None
+    assert QuantLinear.concat([layer(64, GGMLType.Q8_0), layer(64, GGMLType.Q8_0, bias=True)]) is None
+    assert QuantLinear.concat([layer(64, GGMLType.Q8_0), torch.nn.Linear(256, 64)]) is None
+    # torch packs int4 weights in blocks of 64 output rows: a part of 32 rows cannot be appended
+    assert QuantLinear.concat([layer(32, GGMLType.Q4_0), layer(64, GGMLType.Q4_0)]) is None
+
+
 def test_isq_spec_picks_layers_and_falls_back() -> None:
     spec = IsqSpec(GGMLType.Q4_K, vision=False, text_layers={1: None})
     assert spec.type_for("model.text_model.layers.0.mlp.down_proj.weight", (64, 512)) is GGMLType.Q4_K
@@ -100,7 +129,7 @@ def test_quantized_model_equals_the_model_with_quantized_weights(wide: Path, isq
                 param.copy_(dequantize(quantize(param.float(), qtype), qtype, param.shape[1]))
                 swapped += 1
     assert swapped == 2 * 7 + 2 * 6  # text and vision Linear layers of both blocks
-    assert sum(isinstance(m, QuantLinear) for m in quant.model.modules()) == swapped
+    assert sum(len(m.splits) for m in quant.model.modules() if isinstance(m, QuantLinear)) == swapped
     reference = prompt_logits(full, prompt, prompt.token_ids)
     quant_effect = (reference - original).abs().max()
     assert quant_effect > 0
@@ -241,8 +270,8 @@ def test_topology_with_mixed_quantization_equals_the_same_isq_spec(wide: Path, t
     mapped = load(str(wide), progress=False, topology=topology)
     direct = load(str(wide), progress=False, isq=IsqSpec(None, True, {0: GGMLType.Q8_0, 1: GGMLType.Q4_K}))
     kinds = {name: module.qtype for name, module in mapped.model.named_modules() if isinstance(module, QuantLinear)}
-    assert kinds["model.text_model.layers.0.mlp.up_proj"] is GGMLType.Q8_0
-    assert kinds["model.text_model.layers.1.mlp.up_proj"] is GGMLType.Q4_K
+    assert kinds["model.text_model.layers.0.mlp.gate_up_proj"] is GGMLType.Q8_0  # gate and up, merged at load
+    assert kinds["model.text_model.layers.1.mlp.gate_up_proj"] is GGMLType.Q4_K
     assert not any(name.startswith("model.vision_model") for name in kinds)  # no global --isq: vision stays
     assert generate(Engine(mapped), MESSAGES, GREEDY).token_ids == generate(Engine(direct), MESSAGES, GREEDY).token_ids
 
