@@ -35,15 +35,16 @@ class LlamaAttention(nn.Module):
         pools: tuple[torch.Tensor, torch.Tensor],
         at: AttentionBatch,
     ) -> torch.Tensor:
-        n = x.shape[0]
+        n, heads, kv_heads, dim = x.shape[0], self.heads, self.kv_heads, self.head_dim
         if self.qkv_proj is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = apply_rotary(self.q_proj(x).view(n, heads, dim), *rope)  # [N, H, D]
+            k = apply_rotary(self.k_proj(x).view(n, kv_heads, dim), *rope)  # [N, Hkv, D]
+            v = self.v_proj(x).view(n, kv_heads, dim)
         else:
-            q, k, v = self.qkv_proj(x).split(self.qkv_proj.splits, dim=-1)
-        q = q.view(n, self.heads, self.head_dim)  # [N, H, D]
-        k = k.view(n, self.kv_heads, self.head_dim)  # [N, Hkv, D]
-        v = v.view(n, self.kv_heads, self.head_dim)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            # q's and k's heads lie side by side in the merged output: one rotary pass turns both.
+            qkv = self.qkv_proj(x).view(n, heads + 2 * kv_heads, dim)
+            qk = apply_rotary(qkv[:, : heads + kv_heads], *rope)
+            q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
         return self.o_proj(write_and_attend(q, k, v, pools, at).reshape(n, -1))
 
 

@@ -68,7 +68,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.qtype, self.dtype = in_features, out_features, qtype, dtype
         self.kernel = pick_kernel(qtype, data.device)
-        self.splits: tuple[int, ...] = (out_features,)  # the out_features of each layer merged into this one (see `concat`)
+        self.splits: tuple[int, ...] = (out_features,)  # out_features of each layer merged into this one (`concat`)
         # The bias may still be on `meta`: the loader assigns it when the checkpoint reaches it.
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False))
         self.bias: nn.Parameter | None
