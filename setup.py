@@ -1,4 +1,4 @@
-"""Builds idefix's optional native kernel, idefix/quant/q8_0.c (everything else is in pyproject.toml).
+"""Builds idefix's optional native kernels, idefix/native/kernels.c (everything else is in pyproject.toml).
 
 Where it cannot be built (no C compiler, not Linux on x86-64) the install goes on without it, and idefix uses
 its PyTorch kernels (idefix/quant/linear.py says which kernel serves which type).
@@ -30,8 +30,8 @@ KERNELS = [
     Extension(
         # In a folder without __init__.py: a plain shared library, not a module, so that nothing that walks
         # idefix's packages (pkgutil) mistakes it for one and tries to import it.
-        "idefix.quant._native.q8_0",
-        sources=["idefix/quant/q8_0.c"],
+        "idefix.native._lib.kernels",
+        sources=["idefix/native/kernels.c"],
         extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],
     )

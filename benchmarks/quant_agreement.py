@@ -8,12 +8,15 @@ reads that same conversation, teacher-forced, and at each position after the ima
 is compared with the unquantized model's. Prompts: an image (random pixels, one per prompt) plus a question.
 Random-weight checkpoints have nearly flat next-token distributions (N(0, 0.02) weights), so a tiny change can
 flip a near-tie: the table also gives the share of positions whose top-2 margin is below 0.1 logit, where
-disagreement is expected to concentrate.
+disagreement is expected to concentrate. A second row per type runs the same quantized weights through plain
+dequantize-then-matmul in fp32 (no fast kernel): the agreement the GGML format itself allows, so that the gap
+between the two rows is what idefix's kernels cost.
 """
 
 from __future__ import annotations
 
 import argparse
+from unittest import mock
 
 import numpy as np
 import torch
@@ -59,6 +62,14 @@ def conversations(reference: LoadedModel, count: int, tokens: int) -> list[tuple
     return out
 
 
+def load_quantized(model: str, isq: str, plain: bool) -> LoadedModel:
+    """The model under ISQ; `plain`: every QuantLinear on the exact, slow path that non-CPU devices take."""
+    if not plain:
+        return load(model, dtype="fp32", isq=isq, progress=False)
+    with mock.patch("idefix.quant.linear.pick_kernel", lambda *_: "dequant"):
+        return load(model, dtype="fp32", isq=isq, progress=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -82,19 +93,20 @@ def main() -> None:
     print("| ISQ | top-1 agreement | agreement where the margin is >= 0.1 | max abs logit diff |")
     print("|---|---:|---:|---:|")
     for isq in args.isq:
-        quant = load(model, dtype="fp32", isq=isq, progress=False)
-        same = clear = clear_total = 0
-        worst = 0.0
-        for (prompt, ids, start), ref, t in zip(convs, expected, top2, strict=True):
-            got = prompt_logits(quant, prompt, ids)[start:]
-            agree = got.argmax(-1) == ref.argmax(-1)
-            margin_ok = t[:, 0] - t[:, 1] >= 0.1
-            same += int(agree.sum())
-            clear += int(agree[margin_ok].sum())
-            clear_total += int(margin_ok.sum())
-            worst = max(worst, (got - ref).abs().max().item())
-        print(f"| {isq} | {same / positions:.2%} | {clear / max(clear_total, 1):.2%} | {worst:.3f} |")
-        del quant
+        for label, plain in [(isq, False), (f"{isq}, dequantize-then-matmul", True)]:
+            quant = load_quantized(model, isq, plain)
+            same = clear = clear_total = 0
+            worst = 0.0
+            for (prompt, ids, start), ref, t in zip(convs, expected, top2, strict=True):
+                got = prompt_logits(quant, prompt, ids)[start:]
+                agree = got.argmax(-1) == ref.argmax(-1)
+                margin_ok = t[:, 0] - t[:, 1] >= 0.1
+                same += int(agree.sum())
+                clear += int(agree[margin_ok].sum())
+                clear_total += int(margin_ok.sum())
+                worst = max(worst, (got - ref).abs().max().item())
+            print(f"| {label} | {same / positions:.2%} | {clear / max(clear_total, 1):.2%} | {worst:.3f} |")
+            del quant
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from idefix import native
 from idefix.errors import ModelLoadError
 from idefix.model.config import TextConfig
 from idefix.quant.linear import QuantLinear
@@ -41,8 +42,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 whatever the compute dtype, as the reference does; F.rms_norm is that same
         # x * rsqrt(mean(x^2) + eps) in one op (measured 11 us against 16.5 for the four-op form at decode).
-        if x.dtype == torch.float32:  # the weight inside the op: the same product, bit for bit, one op fewer
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.dtype == torch.float32:
+            if native.available() and x.device.type == "cpu" and x.is_contiguous() and self.weight.dtype == x.dtype:
+                return native.rms_norm(x, self.weight, self.eps)  # one call: ~2 us against F.rms_norm's ~14
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # the weight inside: one op fewer
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 

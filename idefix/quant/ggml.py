@@ -185,28 +185,26 @@ def _check_bytes(data: torch.Tensor, qtype: GGMLType, cols: int) -> None:
 
 
 def int4_groups(data: torch.Tensor, qtype: GGMLType, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_0 / Q4_1 / Q4_K rows -> (q uint8 [R, C] in 0..15, scale f32 [R, C//32], zero f32 [R, C//32]).
+    """Q4_0 / Q4_1 / Q4_K rows -> (q uint8 [R, C] in 0..15, scale f32 [R, C//32], offset f32 [R, C//32]).
 
-    w = (q - 8) * scale + zero reproduces dequantize() exactly in fp32 (this is the affine form torch's int4
-    kernels use). Q4_0: zero = 0. Q4_1 (x = d*q + m) and Q4_K (x = d*q - m): zero = 8*d + m (resp. 8*d - m); both
-    products are exact (fp16 x small int), so equality holds whenever that zero is itself exact in fp32, i.e.
-    unless m is ~2^13 (Q4_1) / ~2^7 (Q4_K) times smaller than d without being 0 -- then it may differ by 1 ulp.
+    w = q * scale + offset, rounded once, is dequantize() exactly: q * scale is exact in fp32 for all three
+    (an fp16 scale, or Q4_K's fp16 x 6-bit sub-block scale, times a 4-bit q), and GGML rounds only the sum.
+    Q4_0 (x = d * (q - 8)): offset = -8 * d. Q4_1 (x = d * q + m): offset = m. Q4_K (x = d * q - m): offset = -m.
     """
     _check_bytes(data, qtype, cols)
     rows = data.shape[0]
     blocks = data.reshape(-1, qtype.type_size)
     if qtype is GGMLType.Q4_0:
         q, d = lg.q4_0_parts(blocks)
-        zero = torch.zeros_like(d)
+        offset = -8 * d
     elif qtype is GGMLType.Q4_1:
-        q, d, m = lg.q4_1_parts(blocks)
-        zero = 8 * d + m
+        q, d, offset = lg.q4_1_parts(blocks)
     elif qtype is GGMLType.Q4_K:
         q, d, m = kq.q4_k_parts(blocks)  # per 32-element sub-block: x = d * q - m
-        zero = 8 * d - m
+        offset = -m
     else:
         raise ValueError(f"int4_groups needs Q4_0, Q4_1 or Q4_K, not {qtype.name}")
-    return q.reshape(rows, cols), d.reshape(rows, -1), zero.reshape(rows, -1)
+    return q.reshape(rows, cols), d.reshape(rows, -1), offset.reshape(rows, -1)
 
 
 def int8_blocks(data: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:

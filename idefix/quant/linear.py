@@ -3,17 +3,18 @@
 The stored form is GGML blocks (what UQFF files carry). At construction the blocks are repacked once
 into whatever the fastest kernel on the device wants:
 
-| kernel    | GGML types           | how                                                               |
-|-----------|----------------------|-------------------------------------------------------------------|
-| `int4`    | Q4_0, Q4_1, Q4_K     | torch's packed int4 matmul, groups of 32: w = (q - 8) * scale + zero, |
-|           |                      | exact up to bf16 rounding of scale and zero; bf16 activations     |
-| `q8_0`    | Q8_0, on AVX-512     | int8 q [N, K] + fp32 scale per block: up to 16 rows, the native   |
-|           | CPUs with the native | kernel (idefix/quant/q8_0.c, fp32 activations, exact up to the    |
-|           | kernel built         | order of additions); more rows, a matmul on q * scale in fp32     |
-| `fp16`    | every other type     | dequantized once to fp16 (2 bytes per weight), fp16 matmul: the   |
-|           |                      | fp16 rounding is far below any GGML type's own error              |
-| `dequant` | any type on a non-CPU | dequantize the blocks on each call, then a plain matmul: exact,   |
-|           | device               | slow; `idefix bench` shows it                                     |
+| kernel    | GGML types           | how                                                                   |
+|-----------|----------------------|-----------------------------------------------------------------------|
+| `q8_0`    | Q8_0                 | the native kernels (idefix/native/kernels.c, AVX-512), up to 16 rows: the |
+|           |                      | blocks in registers; Q8_0 with fp32 activations (exact up to the      |
+| `q4`      | Q4_0, Q4_1, Q4_K     | order of additions), 4-bit with activations rounded to int8 per block |
+|           |                      | (VNNI); more rows, a matmul on the exact fp32 weight                  |
+| `int4`    | Q4_0, Q4_1, Q4_K     | without the native kernels: torch's packed int4 matmul, groups of 32, |
+|           |                      | exact up to bf16 rounding of scale and zero; bf16 activations         |
+| `fp16`    | every other type     | dequantized once to fp16 (2 bytes per weight), fp16 matmul: the       |
+|           |                      | fp16 rounding is far below any GGML type's own error                  |
+| `dequant` | any type on a non-CPU | dequantize the blocks on each call, then a plain matmul: exact,       |
+|           | device               | slow; `idefix bench` shows it                                         |
 
 torch's int8 weight-only kernel was tried for Q8_0 (before the native one) and rejected: it needs one scale per
 output row, and re-rounding Q8_0's 32-weight blocks to per-row scales (plus bf16 activations) erred 1.4x as much
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idefix.quant import native
+from idefix import native
 from idefix.quant.ggml import GGMLType, dequantize, int4_groups, int8_blocks
 
 INT4_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K})
@@ -37,6 +38,7 @@ INT4_PACK_ROWS = 64  # torch packs int4 weights in blocks of 64 output rows: onl
 # Each kernel's repacked buffers, and the dimension that runs over output rows (what `concat` joins on).
 BUFFERS = {
     "int4": {"packed": 0, "scales_and_zeros": 1},
+    "q4": {"q4": 0, "q4_scale": 0, "q4_offset": 0},
     "q8_0": {"q8": 0, "q8_scale": 0},
     "fp16": {"fp16": 0},
     "dequant": {"data": 0},
@@ -47,8 +49,8 @@ def pick_kernel(qtype: GGMLType, device: torch.device) -> str:
     if device.type != "cpu":
         return "dequant"
     if qtype in INT4_TYPES:
-        return "int4"
-    if qtype is GGMLType.Q8_0 and native.q8_0_available():
+        return "q4" if native.q4_available() else "int4"
+    if qtype is GGMLType.Q8_0 and native.available():
         return "q8_0"
     return "fp16"
 
@@ -69,6 +71,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.qtype, self.dtype = in_features, out_features, qtype, dtype
         self.kernel = pick_kernel(qtype, data.device)
         self.splits: tuple[int, ...] = (out_features,)  # out_features of each layer merged into this one (`concat`)
+        self._native: native.Matmul | None = None  # the native kernel bound to this layer's buffers, once used
         # The bias may still be on `meta`: the loader assigns it when the checkpoint reaches it.
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False))
         self.bias: nn.Parameter | None
@@ -77,12 +80,21 @@ class QuantLinear(nn.Module):
         self.fp16: torch.Tensor
         self.q8: torch.Tensor
         self.q8_scale: torch.Tensor
+        self.q4: torch.Tensor
+        self.q4_scale: torch.Tensor
+        self.q4_offset: torch.Tensor
         self.data: torch.Tensor
-        if self.kernel == "int4":
-            q, scale, zero = int4_groups(data, qtype, in_features)
+        if self.kernel == "q4":
+            q, scale, offset = int4_groups(data, qtype, in_features)
+            self.register_buffer("q4", native.pack_nibbles(q), persistent=False)
+            self.register_buffer("q4_scale", native.pad_blocks(scale), persistent=False)
+            self.register_buffer("q4_offset", native.pad_blocks(offset), persistent=False)
+        elif self.kernel == "int4":
+            q, scale, offset = int4_groups(data, qtype, in_features)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)  # [N, K / 2]
             self.register_buffer("packed", packed, persistent=False)
-            # [K / 32, N, 2]: (scale, zero) per group and output row, as the kernel wants them
+            # [K / 32, N, 2]: (scale, zero) per group and output row, w = (q - 8) * scale + zero, as torch wants
+            zero = offset + 8 * scale
             pairs = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
             self.register_buffer("scales_and_zeros", pairs, persistent=False)
         elif self.kernel == "q8_0":
@@ -112,12 +124,25 @@ class QuantLinear(nn.Module):
         fused.in_features, fused.qtype, fused.dtype = first.in_features, first.qtype, first.dtype
         fused.out_features, fused.kernel = sum(p.out_features for p in quant), first.kernel
         fused.splits = tuple(size for p in quant for size in p.splits)
+        fused._native = None
         biases: list[torch.Tensor] = [p.bias for p in quant if p.bias is not None]
         bias = nn.Parameter(torch.cat(biases), requires_grad=False) if biases else None
         fused.register_parameter("bias", bias)
         for name, dim in BUFFERS[fused.kernel].items():
             fused.register_buffer(name, torch.cat([getattr(p, name) for p in quant], dim=dim), persistent=False)
         return fused
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        self._native = None  # the buffers may move: bind again
+        return super()._apply(fn, recurse)
+
+    def _native_matmul(self) -> native.Matmul:
+        if self._native is None:
+            if self.kernel == "q8_0":
+                self._native = native.bind_q8_0(self.q8, self.q8_scale)
+            else:
+                self._native = native.bind_q4(self.q4, self.q4_scale, self.q4_offset)
+        return self._native
 
     @property
     def device(self) -> torch.device:
@@ -127,6 +152,15 @@ class QuantLinear(nn.Module):
         """The weight [out, in] as the GGML blocks define it (fp32)."""
         return dequantize(self.data, self.qtype, self.in_features)
 
+    def _fp32_weight(self) -> torch.Tensor:
+        """The native kernels' weight [out, in] in fp32, as they compute it, for many-row (compute-bound) calls."""
+        if self.kernel == "q8_0":
+            return (self.q8.view(self.out_features, -1, 32) * self.q8_scale[..., None]).view_as(self.q8)
+        blocks = self.in_features // 32
+        q = native.unpack_nibbles(self.q4, self.in_features).view(self.out_features, blocks, 32).float()
+        scale, offset = self.q4_scale[:, :blocks, None], self.q4_offset[:, :blocks, None]
+        return torch.addcmul(offset, q, scale).view(self.out_features, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Decode calls this ~200 times a step with 2-D activations: each no-op view skipped is ~1 us saved.
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
@@ -134,14 +168,13 @@ class QuantLinear(nn.Module):
             out = torch._weight_int4pack_mm_for_cpu(
                 flat.to(torch.bfloat16), self.packed, INT4_GROUP, self.scales_and_zeros
             )
-        elif self.kernel == "q8_0":
+        elif self.kernel in ("q8_0", "q4"):
             if flat.dtype != torch.float32 or not flat.is_contiguous():
                 flat = flat.float().contiguous()
-            if flat.shape[0] <= native.Q8_0_MAX_ROWS:
-                out = native.q8_0_matmul(flat, self.q8, self.q8_scale)
+            if flat.shape[0] > native.MAX_ROWS:
+                out = F.linear(flat, self._fp32_weight())
             else:
-                weight = (self.q8.view(self.out_features, -1, 32) * self.q8_scale[..., None]).view_as(self.q8)
-                out = F.linear(flat, weight)
+                out = self._native_matmul()(flat)
         elif self.kernel == "fp16":
             out = F.linear(flat.half(), self.fp16)
         else:

@@ -90,10 +90,10 @@ def test_k_quant_bytes_pinned(qtype: GGMLType) -> None:
 def test_int4_groups_reconstruct_dequantize(qtype: GGMLType) -> None:
     w = torch.cat([CASES["normal"], CASES["uniform"], CASES["outliers"]])
     data = quantize(w, qtype)
-    q, scale, zero = int4_groups(data, qtype, w.shape[1])
+    q, scale, offset = int4_groups(data, qtype, w.shape[1])
     assert q.dtype == torch.uint8 and q.shape == w.shape and int(q.max()) <= 15
-    assert scale.shape == zero.shape == (w.shape[0], w.shape[1] // 32)
-    rebuilt = (q.float() - 8).view(w.shape[0], -1, 32) * scale[..., None] + zero[..., None]
+    assert scale.shape == offset.shape == (w.shape[0], w.shape[1] // 32)
+    rebuilt = q.float().view(w.shape[0], -1, 32) * scale[..., None] + offset[..., None]
     assert torch.equal(rebuilt.view_as(w), dequantize(data, qtype, w.shape[1]))
 
 

@@ -16,12 +16,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from benchmarks.quant_agreement import prompt_logits
+from idefix import native
 from idefix.engine.engine import Engine
 from idefix.errors import IdefixError, ModelLoadError
 from idefix.generate import generate
 from idefix.loading import load
 from idefix.model.weights import _tensors, checkpoint_files, quantize_checkpoint
-from idefix.quant import native
 from idefix.quant.apply import IsqSpec
 from idefix.quant.ggml import GGMLType, dequantize, quantize
 from idefix.quant.linear import QuantLinear
@@ -55,19 +55,37 @@ def test_kernel_matches_dequantize_then_matmul(qtype: GGMLType) -> None:
         assert kernel_error <= 1e-4 * reference.norm()
 
 
-@pytest.mark.skipif(not native.q8_0_available(), reason="the native Q8_0 kernel is not built or the CPU lacks AVX-512")
+def rounded_per_block(x: torch.Tensor) -> torch.Tensor:
+    """x as the 4-bit kernel sees it: each 32-block rounded to int8 steps of max|block| / 127."""
+    blocks = x.view(x.shape[0], -1, 32)
+    step = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(blocks / step) * step).view_as(x)
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernels are not built or the CPU lacks AVX-512")
+# 544: an odd number of 32-blocks, padded to pairs for 4-bit (Q4_K rows are whole 256-weight super-blocks)
+@pytest.mark.parametrize(
+    ("qtype", "cols"),
+    [(t, 1024) for t in (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K)]
+    + [(t, 544) for t in (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1)],
+    ids=str,
+)
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 40])
-def test_native_q8_0_kernel_is_dequantize_then_matmul(rows: int) -> None:
-    """Up to 16 rows the native kernel, beyond them a matmul on the dequantized weight; both in fp32, so only the
-    order of the additions differs from dequantize-then-matmul."""
+def test_native_kernels_are_dequantize_then_matmul(qtype: GGMLType, rows: int, cols: int) -> None:
+    """Up to 16 rows the native kernel, beyond them a matmul on the dequantized weight, in fp32: only the order of
+    the additions differs from dequantize-then-matmul, and for 4-bit (up to 16 rows) x's rounding to int8 per
+    block, as llama.cpp rounds it."""
+    if qtype is not GGMLType.Q8_0 and not native.q4_available():
+        pytest.skip("the CPU lacks AVX-512 VNNI")
     gen = torch.Generator().manual_seed(rows)
-    weight = torch.randn(200, 1024, generator=gen) * 0.05
-    x = torch.randn(rows, 1024, generator=gen)
-    data = quantize(weight, GGMLType.Q8_0)
+    weight = torch.randn(200, cols, generator=gen) * 0.05
+    x = torch.randn(rows, cols, generator=gen)
+    data = quantize(weight, qtype)
     bias = torch.randn(200, generator=gen)
-    layer = QuantLinear(1024, 200, GGMLType.Q8_0, data, bias, torch.float32)
-    assert layer.kernel == "q8_0"
-    reference = x @ dequantize(data, GGMLType.Q8_0, 1024).t() + bias
+    layer = QuantLinear(cols, 200, qtype, data, bias, torch.float32)
+    assert layer.kernel == ("q8_0" if qtype is GGMLType.Q8_0 else "q4")
+    seen = rounded_per_block(x) if layer.kernel == "q4" and rows <= native.MAX_ROWS else x
+    reference = seen @ dequantize(data, qtype, cols).t() + bias
     torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
 
 
@@ -96,8 +114,36 @@ def test_only_layers_of_one_kind_merge() -> None:
     assert QuantLinear.concat([layer(64, GGMLType.Q8_0), layer(64, GGMLType.Q4_0)]) is None
     assert QuantLinear.concat([layer(64, GGMLType.Q8_0), layer(64, GGMLType.Q8_0, bias=True)]) is None
     assert QuantLinear.concat([layer(64, GGMLType.Q8_0), torch.nn.Linear(256, 64)]) is None
-    # torch packs int4 weights in blocks of 64 output rows: a part of 32 rows cannot be appended
-    assert QuantLinear.concat([layer(32, GGMLType.Q4_0), layer(64, GGMLType.Q4_0)]) is None
+
+
+def test_pytorch_kernels_serve_without_the_native_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No compiler at install, or no AVX-512: Q8_0 runs as fp16 and the 4-bit types on torch's int4 kernel,
+    whose packing in blocks of 64 output rows decides what merges."""
+    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(native, "q4_available", lambda: False)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 256, generator=gen)
+    for qtype, kernel in [
+        (GGMLType.Q8_0, "fp16"),
+        (GGMLType.Q4_0, "int4"),
+        (GGMLType.Q4_1, "int4"),
+        (GGMLType.Q4_K, "int4"),
+    ]:
+        weight = torch.randn(64, 256, generator=gen) * 0.05
+        data = quantize(weight, qtype)
+        layer = QuantLinear(256, 64, qtype, data, None, torch.float32)
+        assert layer.kernel == kernel
+        reference = x @ dequantize(data, qtype, 256).t()
+        assert (layer(x) - reference).norm() <= 0.5 * (reference - x @ weight.t()).norm()
+
+    def int4(out: int) -> QuantLinear:
+        return QuantLinear(
+            256, out, GGMLType.Q4_0, quantize(torch.randn(out, 256, generator=gen), GGMLType.Q4_0), None, torch.float32
+        )
+
+    assert QuantLinear.concat([int4(32), int4(64)]) is None
+    merged = QuantLinear.concat([int4(64), int4(128)])
+    assert merged is not None and merged.kernel == "int4"
 
 
 def test_isq_spec_picks_layers_and_falls_back() -> None:

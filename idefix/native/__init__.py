@@ -1,0 +1,124 @@
+"""idefix's optional native kernels for AVX-512 CPUs (idefix/native/kernels.c): Q8_0 and 4-bit matrix-vector
+products for decode, and RMSNorm.
+
+setup.py builds them into _lib/ beside this file when it can; it is a plain shared library (no Python module),
+loaded with ctypes once PyTorch is imported, so that its OpenMP loops run on PyTorch's own thread pool. Absent,
+unloadable or on a CPU without AVX-512 (VNNI too for the 4-bit kernel), `available()` / `q4_available()` are
+False and PyTorch's kernels serve.
+
+A ctypes call costs a few microseconds, which decode pays ~150 times a step, so the callers prepare one: `bind`
+fixes a kernel's weight arguments once and the call passes only x, y and the thread count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+MAX_ROWS = 16  # beyond this many rows a matmul on the dequantized weight is faster (compute-bound)
+
+
+def _load() -> ctypes.CDLL | None:
+    folder = Path(__file__).resolve().parent / "_lib"  # where setup.py builds it
+    paths = [folder / f"kernels{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    path = next((p for p in paths if p.exists()), None)
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        return None
+    if not lib.idefix_q8_0_supported():
+        return None
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.idefix_q8_0_matmul.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i32]
+    lib.idefix_q4_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i32]
+    lib.idefix_rms_norm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr, i32]
+    for fn in (lib.idefix_q8_0_matmul, lib.idefix_q4_matmul, lib.idefix_rms_norm):
+        fn.restype = None
+    return lib
+
+
+_LIB = _load()
+_threads = torch.get_num_threads
+
+
+def available() -> bool:
+    """The Q8_0 kernel and RMSNorm (AVX-512F/BW)."""
+    return _LIB is not None
+
+
+def q4_available() -> bool:
+    """The 4-bit kernel (AVX-512 VNNI as well)."""
+    return _LIB is not None and bool(_LIB.idefix_q4_supported())
+
+
+def _library() -> ctypes.CDLL:
+    if _LIB is None:
+        raise RuntimeError("the native kernels are not available (see available())")
+    return _LIB
+
+
+Matmul = Callable[[torch.Tensor], torch.Tensor]
+
+
+def bind_q8_0(q: torch.Tensor, scale: torch.Tensor) -> Matmul:
+    """x fp32 [M, K] -> x @ (q int8 [N, K] * scale fp32 [N, K / 32] per 32-block).T, fp32 [M, N]; x contiguous.
+    The weight tensors must outlive the returned function and stay where they are."""
+    fn, n, q_ptr, scale_ptr = _library().idefix_q8_0_matmul, q.shape[0], q.data_ptr(), scale.data_ptr()
+
+    def matmul(x: torch.Tensor) -> torch.Tensor:
+        rows, k = x.shape
+        y = torch.empty(rows, n)
+        fn(x.data_ptr(), rows, k, q_ptr, scale_ptr, n, y.data_ptr(), _threads())
+        return y
+
+    return matmul
+
+
+def bind_q4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> Matmul:
+    """x fp32 [M, K] -> x @ W.T, fp32 [M, N], W = nibbles * scale + offset per 32-block: q uint8 [N, Kp / 2] from
+    `pack_nibbles`, scale and offset fp32 [N, Kp / 32] from `pad_blocks` (Kp: K rounded up to 64); x contiguous.
+    The weight tensors must outlive the returned function and stay where they are."""
+    fn, n = _library().idefix_q4_matmul, q.shape[0]
+    q_ptr, scale_ptr, offset_ptr = q.data_ptr(), scale.data_ptr(), offset.data_ptr()
+
+    def matmul(x: torch.Tensor) -> torch.Tensor:
+        rows, k = x.shape
+        y = torch.empty(rows, n)
+        fn(x.data_ptr(), rows, k, q_ptr, scale_ptr, offset_ptr, n, y.data_ptr(), _threads())
+        return y
+
+    return matmul
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm(x, weight.shape, weight, eps) for contiguous fp32 x [..., n] and weight [n] on the CPU."""
+    y = torch.empty_like(x)
+    n = x.shape[-1]
+    _library().idefix_rms_norm(x.data_ptr(), x.numel() // n, n, weight.data_ptr(), eps, y.data_ptr(), _threads())
+    return y
+
+
+def pad_blocks(values: torch.Tensor) -> torch.Tensor:
+    """Per-block values [N, K / 32] with zero blocks appended up to a whole number of pairs (the 4-bit layout)."""
+    return F.pad(values, (0, values.shape[1] % 2)).contiguous()
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] in 0..15 -> [N, Kp / 2], Kp = K rounded up to 64 (zeros): per pair of 32-blocks, 32 bytes
+    holding the first block in their low nibbles and the second in their high ones (what kernels.c reads)."""
+    q = F.pad(q, (0, -q.shape[1] % 64))
+    pairs = q.view(q.shape[0], -1, 2, 32)
+    return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(q.shape[0], -1).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """The inverse of `pack_nibbles`: [N, Kp / 2] -> uint8 [N, cols]."""
+    pairs = packed.view(packed.shape[0], -1, 1, 32)
+    return torch.cat([pairs & 0x0F, pairs >> 4], dim=2).reshape(packed.shape[0], -1)[:, :cols]

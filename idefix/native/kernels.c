@@ -1,0 +1,204 @@
+/* idefix's native kernels for x86-64 CPUs with AVX-512 (idefix.native loads them): decode's quantized
+   matrix-vector products, and RMSNorm, which PyTorch runs as several ops (~14 us a call at decode's sizes).
+
+   The products:
+
+   y[i, n] = sum_k x[i, k] * w[n, k] for a few rows x (fp32), with the weight held in 32-weight blocks as GGML
+   defines them, dequantized in registers exactly as GGML does:
+   - Q8_0: int8 q[n, k] and a fp32 scale d[n, k / 32]; w = q * d.
+   - 4-bit (Q4_0, Q4_1, Q4_K): nibbles, a fp32 scale d and offset m per block; w = q * d + m, which is GGML's
+     dequantization exactly for all three (q * d is exact in fp32, and both round the sum once).
+   Q8_0 keeps the activations in fp32, so the only difference from dequantize-then-matmul is the order of the
+   additions. Converting nibbles to fp32 costs more instructions per weight than the memory system does
+   (measured: no faster than torch's int4 kernel), so the 4-bit kernel does what llama.cpp does: it rounds each
+   32-block of x to int8 with a scale of its own and multiplies bytes with AVX-512 VNNI (64 products per
+   instruction), so the result is W times the rounded x: that rounding is the only error beyond the order of
+   additions, far below the 4-bit weights' own (tests/unit/test_quant.py holds it to that).
+   A weight row is read once for all the rows of x (up to MAX_ROWS per pass); output rows are shared between
+   the OpenMP threads of the runtime PyTorch already loaded (libgomp.so.1 is matched by name), so both use one
+   thread pool.
+
+   Built by setup.py when a compiler is there; without it, or on a CPU without AVX-512, idefix uses its PyTorch
+   kernels. */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 32
+#define MAX_ROWS 4
+/* Software prefetch distance in weight bytes. Decode's weights are many small matrices (0.3-2 MB), each read once
+   per step from memory, and the hardware prefetchers ramp up too slowly on them: prefetching 4 KB ahead took
+   SmolVLM-256M's Q8_0 shapes from 12-15 to 17-23 GB/s (2 threads, runs/ microbenchmark; 2-8 KB all did about as
+   well). */
+#define PREFETCH 4096
+
+#define Q4_PAIR 64 /* the 4-bit layout interleaves two blocks: k is padded to a multiple of 64 (zero blocks) */
+#define GROUP 16  /* blocks whose scales are read as one vector */
+
+int idefix_q8_0_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+}
+
+int idefix_q4_supported(void) {
+    return idefix_q8_0_supported() && __builtin_cpu_supports("avx512vnni");
+}
+
+/* One Q8_0 weight row against `rows` rows of x. */
+__attribute__((target("avx512f,avx512bw"), always_inline)) static inline void q8_0_row(
+    const float *x, int64_t k, const int8_t *q, const float *d, float *out, const int rows) {
+    __m512 acc[2 * MAX_ROWS];
+    for (int i = 0; i < 2 * rows; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < k / BLOCK; b++) {
+        /* past this row: the next rows follow in memory (a prefetch beyond the matrix is harmless) */
+        _mm_prefetch((const char *)(q + b * BLOCK + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(d + b + PREFETCH / BLOCK), _MM_HINT_T0);
+        const __m512 scale = _mm512_set1_ps(d[b]);
+        const __m128i lo = _mm_loadu_si128((const __m128i *)(q + b * BLOCK));
+        const __m128i hi = _mm_loadu_si128((const __m128i *)(q + b * BLOCK + 16));
+        const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), scale);
+        const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), scale);
+        for (int i = 0; i < rows; i++) {
+            const float *xb = x + i * k + b * BLOCK;
+            acc[2 * i] = _mm512_fmadd_ps(_mm512_loadu_ps(xb), w0, acc[2 * i]);
+            acc[2 * i + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(xb + 16), w1, acc[2 * i + 1]);
+        }
+    }
+    for (int i = 0; i < rows; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[2 * i], acc[2 * i + 1]));
+}
+
+/* x rounded for the 4-bit kernel: per row of x and 32-block, int8 values, their scale and their sum (scaled). */
+typedef struct {
+    int8_t *x8;   /* [rows, kp] */
+    float *scale; /* [rows, kp / 32] */
+    float *sum;   /* [rows, kp / 32] */
+} QuantizedX;
+
+/* One 4-bit weight row (kp / 2 bytes: per pair of blocks, 32 bytes holding the first block's 32 weights in their
+   low nibbles and the second's in their high ones) against `rows` rows of quantized x. */
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) static inline void q4_row(
+    const QuantizedX *x, int64_t kp, const uint8_t *q, const float *d, const float *m, float *out, const int rows) {
+    const int64_t blocks = kp / BLOCK;
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    /* lanes 0-7 of a VNNI product hold the pair's first block, lanes 8-15 its second: their scales' places */
+    const __m512i pair_lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 acc[MAX_ROWS], offsets[MAX_ROWS];
+    for (int i = 0; i < rows; i++) acc[i] = offsets[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < blocks; g += GROUP) {
+        const int in_group = blocks - g < GROUP ? (int)(blocks - g) : GROUP;
+        const __mmask16 mask = (__mmask16)((1u << in_group) - 1);
+        _mm_prefetch((const char *)(d + g + PREFETCH / 16), _MM_HINT_T0);
+        _mm_prefetch((const char *)(m + g + PREFETCH / 16), _MM_HINT_T0);
+        const __m512 dv = _mm512_maskz_loadu_ps(mask, d + g), mv = _mm512_maskz_loadu_ps(mask, m + g);
+        __m512 scales[MAX_ROWS];
+        for (int i = 0; i < rows; i++) {
+            const int64_t at = i * blocks + g;
+            scales[i] = _mm512_mul_ps(dv, _mm512_maskz_loadu_ps(mask, x->scale + at));
+            offsets[i] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(mask, x->sum + at), offsets[i]);
+        }
+        for (int p = 0; p < in_group / 2; p++) {
+            const uint8_t *qp = q + (g + 2 * p) * (BLOCK / 2);
+            _mm_prefetch((const char *)(qp + PREFETCH), _MM_HINT_T0);
+            const __m256i bytes = _mm256_loadu_si256((const __m256i *)qp);
+            const __m256i lo = _mm256_and_si256(bytes, nibble);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
+            const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            const __m512i lanes = _mm512_add_epi32(pair_lanes, _mm512_set1_epi32(2 * p));
+            for (int i = 0; i < rows; i++) {
+                const __m512i xv = _mm512_loadu_si512((const void *)(x->x8 + i * kp + (g + 2 * p) * BLOCK));
+                const __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
+                const __m512 scale = _mm512_permutexvar_ps(lanes, scales[i]);
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), scale, acc[i]);
+            }
+        }
+    }
+    for (int i = 0; i < rows; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], offsets[i]));
+}
+
+/* Rows of x, MAX_ROWS at a time, against all n weight rows, shared between the threads; ROW(r, rows, out) computes
+   one weight row for `rows` (a constant at each call, so each variant unrolls with its accumulators in registers). */
+#define FOR_ROWS(rows_x, n, threads, xs, pass_rows, ROW)                                 \
+    for (int64_t i0 = 0; i0 < (rows_x); i0 += MAX_ROWS) {                              \
+        const int pass_rows = (rows_x) - i0 < MAX_ROWS ? (int)((rows_x) - i0) : MAX_ROWS; \
+        const int64_t xs = i0;                                                         \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")              \
+        for (int64_t r = 0; r < (n); r++) {                                            \
+            float out[MAX_ROWS];                                                       \
+            switch (pass_rows) {                                                       \
+                case 1: ROW(r, 1, out); break;                                         \
+                case 2: ROW(r, 2, out); break;                                         \
+                case 3: ROW(r, 3, out); break;                                         \
+                default: ROW(r, 4, out); break;                                        \
+            }                                                                          \
+            for (int i = 0; i < pass_rows; i++) y[(i0 + i) * (n) + r] = out[i];        \
+        }                                                                              \
+    }
+
+/* x [rows_x, k], q [n, k], d [n, k / 32], y [rows_x, n], all contiguous; k a multiple of 32. */
+__attribute__((target("avx512f,avx512bw"))) void idefix_q8_0_matmul(
+    const float *x, int64_t rows_x, int64_t k, const int8_t *q, const float *d, int64_t n, float *y, int threads) {
+#define Q8_0_ROW(r, rows, out) q8_0_row(x + first * k, k, q + (r) * k, d + (r) * (k / BLOCK), out, rows)
+    FOR_ROWS(rows_x, n, threads, first, rows, Q8_0_ROW)
+#undef Q8_0_ROW
+}
+
+/* x [rows_x, k] fp32, q [n, kp / 2], d and m [n, kp / 32] with kp = k rounded up to 64, y [rows_x, n]. */
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void idefix_q4_matmul(
+    const float *x, int64_t rows_x, int64_t k, const uint8_t *q, const float *d, const float *m, int64_t n,
+    float *y, int threads) {
+    const int64_t kp = (k + Q4_PAIR - 1) / Q4_PAIR * Q4_PAIR, blocks = kp / BLOCK;
+    int8_t *x8 = aligned_alloc(64, rows_x * kp);
+    float *stats = malloc(2 * rows_x * blocks * sizeof(float));
+    if (!x8 || !stats) { free(x8); free(stats); for (int64_t i = 0; i < rows_x * n; i++) y[i] = NAN; return; }
+    for (int64_t i = 0; i < rows_x; i++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            float *scale = stats + i * blocks + b, *sum = stats + (rows_x + i) * blocks + b;
+            int8_t *out = x8 + i * kp + b * BLOCK;
+            if (b * BLOCK >= k) { memset(out, 0, BLOCK); *scale = *sum = 0; continue; }
+            const __m512 v0 = _mm512_loadu_ps(x + i * k + b * BLOCK), v1 = _mm512_loadu_ps(x + i * k + b * BLOCK + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+            const __m512i r0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), r1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+            _mm_storeu_si128((__m128i *)out, _mm512_cvtepi32_epi8(r0));
+            _mm_storeu_si128((__m128i *)(out + 16), _mm512_cvtepi32_epi8(r1));
+            *scale = amax / 127.0f;
+            /* the sum of the rounded block, so that the offsets see the same x as the nibbles: the result is
+               exactly W times the rounded x (exact sums would leave the offsets' share of the error uncancelled) */
+            *sum = *scale * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(r0, r1));
+        }
+    }
+#define Q4_ROW(r, rows, out)                                                                       \
+    do {                                                                                           \
+        const QuantizedX xq = {x8 + first * kp, stats + first * blocks, stats + (rows_x + first) * blocks}; \
+        q4_row(&xq, kp, q + (r) * (kp / 2), d + (r) * blocks, m + (r) * blocks, out, rows);        \
+    } while (0)
+    FOR_ROWS(rows_x, n, threads, first, rows, Q4_ROW)
+#undef Q4_ROW
+    free(x8);
+    free(stats);
+}
+
+/* RMSNorm over rows of n: y = w * (x * 1 / sqrt(mean(x^2) + eps)), fp32, in the reference's order of products. */
+__attribute__((target("avx512f"))) void idefix_rms_norm(
+    const float *x, int64_t rows, int64_t n, const float *w, float eps, float *y, int threads) {
+#pragma omp parallel for schedule(static) num_threads(rows >= 64 ? threads : 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float *yr = y + r * n;
+        __m512 squares = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 mask = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+            const __m512 v = _mm512_maskz_loadu_ps(mask, xr + j);
+            squares = _mm512_fmadd_ps(v, v, squares);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)n + eps));
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 mask = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+            const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, xr + j), inv);
+            _mm512_mask_storeu_ps(yr + j, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, w + j), v));
+        }
+    }
+}

@@ -1,0 +1,42 @@
+"""The native kernels' helpers that are not quantized products (those are in test_quant.py): RMSNorm and the
+4-bit layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from idefix import native
+from idefix.model.layers import RMSNorm
+
+needs_native = pytest.mark.skipif(not native.available(), reason="the native kernels are not built or no AVX-512")
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 3, 100])  # 100: past the row count where the threads share the rows
+@pytest.mark.parametrize("size", [576, 100, 7])  # 100 and 7: a part-filled last vector
+def test_native_rms_norm_is_torchs(rows: int, size: int) -> None:
+    gen = torch.Generator().manual_seed(rows * size)
+    x = torch.randn(rows, size, generator=gen) * 3
+    weight = torch.randn(size, generator=gen)
+    torch.testing.assert_close(native.rms_norm(x, weight, 1e-5), F.rms_norm(x, (size,), weight, 1e-5))
+
+
+@needs_native
+def test_rms_norm_layer_on_contiguous_and_strided_input() -> None:
+    norm = RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(2, 5, 64)
+    reference = F.rms_norm(x, (64,), norm.weight, 1e-6)
+    torch.testing.assert_close(norm(x), reference)
+    torch.testing.assert_close(norm(x.transpose(0, 1)), reference.transpose(0, 1))  # not contiguous: torch's
+
+
+@pytest.mark.parametrize("cols", [64, 96, 544])
+def test_nibble_layout_round_trips(cols: int) -> None:
+    q = torch.randint(0, 16, (5, cols), dtype=torch.uint8)
+    packed = native.pack_nibbles(q)
+    assert packed.shape == (5, -(-cols // 64) * 32)
+    assert torch.equal(native.unpack_nibbles(packed, cols), q)
