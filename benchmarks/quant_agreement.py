@@ -4,13 +4,14 @@
     python -m benchmarks.quant_agreement -m HuggingFaceTB/SmolVLM-256M-Instruct --isq Q8_0
 
 The unquantized model (fp32) answers each prompt greedily (`--tokens` new tokens, EOS ignored); then every model
-reads that same conversation, teacher-forced, and at each position after the image its most likely next token
-is compared with the unquantized model's. Prompts: an image (random pixels, one per prompt) plus a question.
+reads that same conversation, teacher-forced (the prompt up to the image in one pass, as it is prefilled, then
+token by token, as decode reads it), and at each position after the image its most likely next token is
+compared with the unquantized model's. Prompts: an image (random pixels, one per prompt) plus a question.
 Random-weight checkpoints have nearly flat next-token distributions (N(0, 0.02) weights), so a tiny change can
 flip a near-tie: the table also gives the share of positions whose top-2 margin is below 0.1 logit, where
 disagreement is expected to concentrate. A second row per type runs the same quantized weights through plain
 dequantize-then-matmul in fp32 (no fast kernel): the agreement the GGML format itself allows, so that the gap
-between the two rows is what idefix's kernels cost.
+between the two rows is what idefix's decode kernels cost.
 """
 
 from __future__ import annotations
@@ -33,16 +34,24 @@ from idefix.sampling import SamplingParams
 QUESTIONS = ["Describe this image in detail.", "What colours do you see?", "Is there any text in the picture?"]
 
 
-def prompt_logits(loaded: LoadedModel, prompt: PreparedPrompt, token_ids: list[int]) -> torch.Tensor:
-    """Logits [len(token_ids), vocab] for `token_ids` read in one pass (prompt.images encoded first)."""
+def prompt_logits(
+    loaded: LoadedModel, prompt: PreparedPrompt, token_ids: list[int], decode_from: int | None = None
+) -> torch.Tensor:
+    """Logits [len(token_ids), vocab] for `token_ids` (prompt.images encoded first): the positions before
+    `decode_from` (default: all of them) read in one pass, as a prompt is prefilled, and the rest one token at a
+    time, as decode reads them (so that decode's kernels are the ones measured there)."""
     model, ids = loaded.model, torch.tensor(token_ids)
+    split = len(ids) if decode_from is None else decode_from
     with torch.inference_mode():
         features = None
         if prompt.images is not None:
             features = model.encode_images(prompt.images.pixel_values, prompt.images.pixel_attention_mask)
         cache = model.new_cache(1, len(ids))
-        hidden = model(model.embed(ids, features), cache, AttentionBatch.single(0, 0, len(ids)))
-        return model.logits(hidden).float()
+        embeds = model.embed(ids, features)
+        logits = [model.logits(model(embeds[:split], cache, AttentionBatch.single(0, 0, split)))]
+        for j in range(split, len(ids)):
+            logits.append(model.logits(model(embeds[j : j + 1], cache, AttentionBatch.single(0, j, 1))))
+        return torch.cat(logits).float()
 
 
 def conversations(reference: LoadedModel, count: int, tokens: int) -> list[tuple[PreparedPrompt, list[int], int]]:
@@ -84,7 +93,7 @@ def main() -> None:
     model = args.model or str(random_checkpoint(args.random_shape))
     reference = load(model, dtype="fp32", progress=False)
     convs = conversations(reference, args.prompts, args.tokens)
-    expected = [prompt_logits(reference, p, ids)[start:] for p, ids, start in convs]
+    expected = [prompt_logits(reference, p, ids, start)[start:] for p, ids, start in convs]
     top2 = [e.topk(2, dim=-1).values for e in expected]
     near_tie = torch.cat([(t[:, 0] - t[:, 1] < 0.1) for t in top2]).float().mean().item()
     positions = sum(len(e) for e in expected)
@@ -98,7 +107,7 @@ def main() -> None:
             same = clear = clear_total = 0
             worst = 0.0
             for (prompt, ids, start), ref, t in zip(convs, expected, top2, strict=True):
-                got = prompt_logits(quant, prompt, ids)[start:]
+                got = prompt_logits(quant, prompt, ids, start)[start:]
                 agree = got.argmax(-1) == ref.argmax(-1)
                 margin_ok = t[:, 0] - t[:, 1] >= 0.1
                 same += int(agree.sum())

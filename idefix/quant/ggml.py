@@ -99,7 +99,7 @@ ISQ_CHOICES = "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K, Q8K, or 2,
 _FALLBACK = {
     GGMLType.Q2_K: GGMLType.Q4_0,
     GGMLType.Q3_K: GGMLType.Q4_0,
-    GGMLType.Q4_K: GGMLType.Q4_1,  # llama.cpp: Q5_0; 4-bit stays 4-bit here, keeping the fast int4 kernel
+    GGMLType.Q4_K: GGMLType.Q4_1,  # llama.cpp: Q5_0; 4-bit stays 4-bit here, keeping the fast 4-bit kernels
     GGMLType.Q5_K: GGMLType.Q5_1,
     GGMLType.Q6_K: GGMLType.Q8_0,
     GGMLType.Q8_K: GGMLType.Q8_0,
@@ -123,7 +123,7 @@ def fallback_for(qtype: GGMLType, cols: int) -> GGMLType | None:
     Like llama.cpp, a k-quant whose 256-block does not divide the row falls back to a 32-block type
     (Q2_K/Q3_K -> Q4_0, Q5_K -> Q5_1, Q6_K -> Q8_0) and if 32 does not divide it either, the tensor is not
     quantized. One difference: Q4_K falls back to Q4_1 (asymmetric 4-bit, like Q4_K), not to llama.cpp's
-    Q5_0, so a 4-bit request stays 4-bit and keeps the fast int4 kernel (SmolVLM's 576-wide rows need this).
+    Q5_0, so a 4-bit request stays 4-bit and keeps the fast 4-bit kernels (SmolVLM's 576-wide rows need this).
     """
     if cols % qtype.block_size == 0:
         return qtype

@@ -179,7 +179,9 @@ def test_quantized_model_equals_the_model_with_quantized_weights(wide: Path, isq
     reference = prompt_logits(full, prompt, prompt.token_ids)
     quant_effect = (reference - original).abs().max()
     assert quant_effect > 0
-    assert (prompt_logits(quant, prompt, prompt.token_ids) - reference).abs().max() <= 0.5 * quant_effect
+    # the last tokens one at a time, so that decode's kernels (a few rows) are held to it as well as prefill's
+    decoded = prompt_logits(quant, prompt, prompt.token_ids, decode_from=len(prompt.token_ids) - 4)
+    assert (decoded - reference).abs().max() <= 0.5 * quant_effect
 
 
 def test_uqff_round_trip_gives_identical_tokens(wide: Path, tmp_path: Path) -> None:
