@@ -37,7 +37,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.idefix_q8_0_matmul.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i32]
-    lib.idefix_q4_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i32]
+    lib.idefix_q4_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i32, i32]
     lib.idefix_rms_norm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr, i32]
     for fn in (lib.idefix_q8_0_matmul, lib.idefix_q4_matmul, lib.idefix_rms_norm):
         fn.restype = None
@@ -83,15 +83,17 @@ def bind_q8_0(q: torch.Tensor, scale: torch.Tensor) -> Matmul:
 
 def bind_q4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> Matmul:
     """x fp32 [M, K] -> x @ W.T, fp32 [M, N], W = nibbles * scale + offset per 32-block: q uint8 [N, Kp / 2] from
-    `pack_nibbles`, scale and offset fp32 [N, Kp / 32] from `pad_blocks` (Kp: K rounded up to 64); x contiguous.
-    The weight tensors must outlive the returned function and stay where they are."""
-    fn, n = _library().idefix_q4_matmul, q.shape[0]
+    `pack_nibbles`, scale and offset [N, Kp / 32] from `pad_blocks` (both fp16 or both fp32; Kp: K rounded up
+    to 64); x contiguous. The weight tensors must outlive the returned function and stay where they are."""
+    if scale.dtype != offset.dtype or scale.dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"scale and offset must both be fp16 or fp32, not {scale.dtype} and {offset.dtype}")
+    fn, n, half = _library().idefix_q4_matmul, q.shape[0], int(scale.dtype == torch.float16)
     q_ptr, scale_ptr, offset_ptr = q.data_ptr(), scale.data_ptr(), offset.data_ptr()
 
     def matmul(x: torch.Tensor) -> torch.Tensor:
         rows, k = x.shape
         y = torch.empty(rows, n)
-        fn(x.data_ptr(), rows, k, q_ptr, scale_ptr, offset_ptr, n, y.data_ptr(), _threads())
+        fn(x.data_ptr(), rows, k, q_ptr, scale_ptr, offset_ptr, n, y.data_ptr(), _threads(), half)
         return y
 
     return matmul
@@ -105,9 +107,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
-def pad_blocks(values: torch.Tensor) -> torch.Tensor:
-    """Per-block values [N, K / 32] with zero blocks appended up to a whole number of pairs (the 4-bit layout)."""
-    return F.pad(values, (0, values.shape[1] % 2)).contiguous()
+def pad_blocks(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block scale and offset [N, K / 32] (fp32) with zero blocks appended up to a whole number of pairs (the
+    4-bit layout), both in fp16 if that holds every value exactly, else both fp32."""
+    padded = [F.pad(v, (0, v.shape[1] % 2)).contiguous() for v in (scale, offset)]
+    half = [v.half() for v in padded]
+    exact = all(torch.equal(h.float(), v) for h, v in zip(half, padded, strict=True))
+    return (half[0], half[1]) if exact else (padded[0], padded[1])
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:

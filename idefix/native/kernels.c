@@ -6,8 +6,10 @@
    y[i, n] = sum_k x[i, k] * w[n, k] for a few rows x (fp32), with the weight held in 32-weight blocks as GGML
    defines them, dequantized in registers exactly as GGML does:
    - Q8_0: int8 q[n, k] and a fp32 scale d[n, k / 32]; w = q * d.
-   - 4-bit (Q4_0, Q4_1, Q4_K): nibbles, a fp32 scale d and offset m per block; w = q * d + m, which is GGML's
-     dequantization exactly for all three (q * d is exact in fp32, and both round the sum once).
+   - 4-bit (Q4_0, Q4_1, Q4_K): nibbles, a scale d and offset m per block; w = q * d + m, which is GGML's
+     dequantization exactly for all three (q * d is exact in fp32, and both round the sum once). d and m are
+     fp16 where that holds them exactly (Q4_0 and Q4_1 store fp16; Q4_K's d * sub-block scale needs fp32): 20
+     bytes a block instead of 24, and decode streams the weights.
    Q8_0 keeps the activations in fp32, so the only difference from dequantize-then-matmul is the order of the
    additions. Converting nibbles to fp32 costs more instructions per weight than the memory system does
    (measured: no faster than torch's int4 kernel), so the 4-bit kernel does what llama.cpp does: it rounds each
@@ -44,7 +46,14 @@ int idefix_q8_0_supported(void) {
 }
 
 int idefix_q4_supported(void) {
-    return idefix_q8_0_supported() && __builtin_cpu_supports("avx512vnni");
+    return idefix_q8_0_supported() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+}
+
+/* Per-block values [at, at + 16) (fewer where `mask` says), fp16 or fp32, as fp32. */
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) static inline __m512 load_blocks(
+    const void *p, int64_t at, __mmask16 mask, const int half) {
+    if (half) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, (const uint16_t *)p + at));
+    return _mm512_maskz_loadu_ps(mask, (const float *)p + at);
 }
 
 /* One Q8_0 weight row against `rows` rows of x. */
@@ -79,8 +88,9 @@ typedef struct {
 
 /* One 4-bit weight row (kp / 2 bytes: per pair of blocks, 32 bytes holding the first block's 32 weights in their
    low nibbles and the second's in their high ones) against `rows` rows of quantized x. */
-__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) static inline void q4_row(
-    const QuantizedX *x, int64_t kp, const uint8_t *q, const float *d, const float *m, float *out, const int rows) {
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) static inline void q4_row(
+    const QuantizedX *x, int64_t kp, const uint8_t *q, const void *d, const void *m, float *out, const int rows,
+    const int half) {
     const int64_t blocks = kp / BLOCK;
     const __m256i nibble = _mm256_set1_epi8(0x0F);
     /* lanes 0-7 of a VNNI product hold the pair's first block, lanes 8-15 its second: their scales' places */
@@ -90,9 +100,10 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) static inl
     for (int64_t g = 0; g < blocks; g += GROUP) {
         const int in_group = blocks - g < GROUP ? (int)(blocks - g) : GROUP;
         const __mmask16 mask = (__mmask16)((1u << in_group) - 1);
-        _mm_prefetch((const char *)(d + g + PREFETCH / 16), _MM_HINT_T0);
-        _mm_prefetch((const char *)(m + g + PREFETCH / 16), _MM_HINT_T0);
-        const __m512 dv = _mm512_maskz_loadu_ps(mask, d + g), mv = _mm512_maskz_loadu_ps(mask, m + g);
+        const int64_t ahead = (g + PREFETCH / 16) * (half ? 2 : 4);
+        _mm_prefetch((const char *)d + ahead, _MM_HINT_T0);
+        _mm_prefetch((const char *)m + ahead, _MM_HINT_T0);
+        const __m512 dv = load_blocks(d, g, mask, half), mv = load_blocks(m, g, mask, half);
         __m512 scales[MAX_ROWS];
         for (int i = 0; i < rows; i++) {
             const int64_t at = i * blocks + g;
@@ -145,10 +156,11 @@ __attribute__((target("avx512f,avx512bw"))) void idefix_q8_0_matmul(
 #undef Q8_0_ROW
 }
 
-/* x [rows_x, k] fp32, q [n, kp / 2], d and m [n, kp / 32] with kp = k rounded up to 64, y [rows_x, n]. */
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void idefix_q4_matmul(
-    const float *x, int64_t rows_x, int64_t k, const uint8_t *q, const float *d, const float *m, int64_t n,
-    float *y, int threads) {
+/* x [rows_x, k] fp32, q [n, kp / 2], d and m [n, kp / 32] (fp16 if `half`, else fp32) with kp = k rounded up to
+   64, y [rows_x, n]. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void idefix_q4_matmul(
+    const float *x, int64_t rows_x, int64_t k, const uint8_t *q, const void *d, const void *m, int64_t n,
+    float *y, int threads, int half) {
     const int64_t kp = (k + Q4_PAIR - 1) / Q4_PAIR * Q4_PAIR, blocks = kp / BLOCK;
     int8_t *x8 = aligned_alloc(64, rows_x * kp);
     float *stats = malloc(2 * rows_x * blocks * sizeof(float));
@@ -170,12 +182,22 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void idefix_q4_matmul(
             *sum = *scale * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(r0, r1));
         }
     }
-#define Q4_ROW(r, rows, out)                                                                       \
-    do {                                                                                           \
+    /* HALF: a constant in each expansion, so that each scale width compiles to its own loop */
+#define Q4_ROW(r, rows, out)                                                                                \
+    do {                                                                                                    \
         const QuantizedX xq = {x8 + first * kp, stats + first * blocks, stats + (rows_x + first) * blocks}; \
-        q4_row(&xq, kp, q + (r) * (kp / 2), d + (r) * blocks, m + (r) * blocks, out, rows);        \
+        const int64_t row_at = (r) * blocks * (HALF ? 2 : 4);                                               \
+        q4_row(&xq, kp, q + (r) * (kp / 2), (const char *)d + row_at, (const char *)m + row_at, out, rows, HALF); \
     } while (0)
-    FOR_ROWS(rows_x, n, threads, first, rows, Q4_ROW)
+    if (half) {
+#define HALF 1
+        FOR_ROWS(rows_x, n, threads, first, rows, Q4_ROW)
+#undef HALF
+    } else {
+#define HALF 0
+        FOR_ROWS(rows_x, n, threads, first, rows, Q4_ROW)
+#undef HALF
+    }
 #undef Q4_ROW
     free(x8);
     free(stats);

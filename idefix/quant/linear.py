@@ -87,8 +87,9 @@ class QuantLinear(nn.Module):
         if self.kernel == "q4":
             q, scale, offset = int4_groups(data, qtype, in_features)
             self.register_buffer("q4", native.pack_nibbles(q), persistent=False)
-            self.register_buffer("q4_scale", native.pad_blocks(scale), persistent=False)
-            self.register_buffer("q4_offset", native.pad_blocks(offset), persistent=False)
+            scale, offset = native.pad_blocks(scale, offset)
+            self.register_buffer("q4_scale", scale, persistent=False)
+            self.register_buffer("q4_offset", offset, persistent=False)
         elif self.kernel == "int4":
             q, scale, offset = int4_groups(data, qtype, in_features)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)  # [N, K / 2]
@@ -158,7 +159,7 @@ class QuantLinear(nn.Module):
             return (self.q8.view(self.out_features, -1, 32) * self.q8_scale[..., None]).view_as(self.q8)
         blocks = self.in_features // 32
         q = native.unpack_nibbles(self.q4, self.in_features).view(self.out_features, blocks, 32).float()
-        scale, offset = self.q4_scale[:, :blocks, None], self.q4_offset[:, :blocks, None]
+        scale, offset = self.q4_scale[:, :blocks, None].float(), self.q4_offset[:, :blocks, None].float()
         return torch.addcmul(offset, q, scale).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

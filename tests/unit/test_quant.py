@@ -84,6 +84,8 @@ def test_native_kernels_are_dequantize_then_matmul(qtype: GGMLType, rows: int, c
     bias = torch.randn(200, generator=gen)
     layer = QuantLinear(cols, 200, qtype, data, bias, torch.float32)
     assert layer.kernel == ("q8_0" if qtype is GGMLType.Q8_0 else "q4")
+    if qtype in (GGMLType.Q4_0, GGMLType.Q4_1):  # their fp16 scales and offsets stay fp16: 20 bytes a block
+        assert layer.q4_scale.dtype == layer.q4_offset.dtype == torch.float16
     seen = rounded_per_block(x) if layer.kernel == "q4" and rows <= native.MAX_ROWS else x
     reference = seen @ dequantize(data, qtype, cols).t() + bias
     torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
