@@ -135,13 +135,20 @@ def write_and_attend(
 ) -> torch.Tensor:
     """Store new k, v [N, Hkv, D] in the pools, then attend q [N, H, D] over each token's context -> [N, H, D]."""
     k_pool, v_pool = pools
+    gqa = q.shape[1] != k.shape[1]
+    d = at.decode
+    if d is not None and d.mask is None and d.count == d.hi - d.lo and not at.segments:
+        # Decode alone, each slot of lo..hi one row at position context_len - 1 (what a None mask means): plain
+        # slices instead of advanced indexing and one output with no copy (~20 us a layer at batch 1).
+        k_pool[d.lo : d.hi, :, d.context_len - 1] = k
+        v_pool[d.lo : d.hi, :, d.context_len - 1] = v
+        keys, values = k_pool[d.lo : d.hi, :, : d.context_len], v_pool[d.lo : d.hi, :, : d.context_len]
+        return F.scaled_dot_product_attention(q[:, :, None], keys, values, enable_gqa=gqa)[:, :, 0]
     # Advanced indices around a slice put N first: the pools see [N, Hkv, D].
     k_pool[at.slots, :, at.positions] = k
     v_pool[at.slots, :, at.positions] = v
-    gqa = q.shape[1] != k.shape[1]
     out = torch.empty_like(q)
-    if at.decode is not None:
-        d = at.decode
+    if d is not None:
         keys, values = k_pool[d.lo : d.hi, :, : d.context_len], v_pool[d.lo : d.hi, :, : d.context_len]
         queries = q[: d.count, :, None]  # [count, H, 1, D]
         if d.count != d.hi - d.lo:
