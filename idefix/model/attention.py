@@ -6,7 +6,9 @@ K and V are [num_slots, kv_heads, max_len, head_dim]. Nothing is reallocated per
 A forward pass works on a flat run of N new tokens from several sequences (no padding): first the
 decode rows (one token each), then prefill segments (a chunk of one sequence's prompt each). Every new
 token's K/V is written at (slot, position) in one indexed store; then the decode rows attend in one
-batched call over a contiguous range of slots, and each prefill segment over its own slot.
+batched call over a contiguous range of slots, and each prefill segment over its own slot. A step of decode
+rows alone that fill their slot range and share one context length (batch-1 decode is one) writes with plain
+slices instead, and its attention output is the result.
 """
 
 from __future__ import annotations
