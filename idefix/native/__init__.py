@@ -74,7 +74,7 @@ def bind_q8_0(q: torch.Tensor, scale: torch.Tensor) -> Matmul:
 
     def matmul(x: torch.Tensor) -> torch.Tensor:
         rows, k = x.shape
-        y = torch.empty(rows, n)
+        y = torch.empty(rows, n, dtype=torch.float32)
         fn(x.data_ptr(), rows, k, q_ptr, scale_ptr, n, y.data_ptr(), _threads())
         return y
 
@@ -92,7 +92,7 @@ def bind_q4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> Matmu
 
     def matmul(x: torch.Tensor) -> torch.Tensor:
         rows, k = x.shape
-        y = torch.empty(rows, n)
+        y = torch.empty(rows, n, dtype=torch.float32)
         fn(x.data_ptr(), rows, k, q_ptr, scale_ptr, offset_ptr, n, y.data_ptr(), _threads(), half)
         return y
 
