@@ -207,8 +207,22 @@ def int4_groups(data: torch.Tensor, qtype: GGMLType, cols: int) -> tuple[torch.T
     return q.reshape(rows, cols), d.reshape(rows, -1), offset.reshape(rows, -1)
 
 
-def int8_blocks(data: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q8_0 rows -> (q int8 [R, C], scale f32 [R, C//32]) with w = q * scale exactly equal to dequantize()."""
-    _check_bytes(data, GGMLType.Q8_0, cols)
-    q, d = lg.q8_0_parts(data.reshape(-1, GGMLType.Q8_0.type_size))
+INT8_TYPES = frozenset({GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q8_K})
+
+
+def int8_blocks(data: torch.Tensor, qtype: GGMLType, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 / Q5_0 / Q8_K rows -> (q int8 [R, C], scale f32 [R, C//32]) with w = q * scale exactly equal to
+    dequantize(): each is an integer times one fp32 scale per block, rounded once (Q5_0 as q - 16; Q8_K's one
+    scale per 256 repeated for each of its 32-blocks)."""
+    _check_bytes(data, qtype, cols)
+    blocks = data.reshape(-1, qtype.type_size)
+    if qtype is GGMLType.Q8_0:
+        q, d = lg.q8_0_parts(blocks)
+    elif qtype is GGMLType.Q5_0:
+        q, d = lg.q5_0_parts(blocks)
+    elif qtype is GGMLType.Q8_K:
+        q, d = kq.q8_k_parts(blocks)
+        d = d.repeat_interleave(8)
+    else:
+        raise ValueError(f"int8_blocks needs Q8_0, Q5_0 or Q8_K, not {qtype.name}")
     return q.reshape(data.shape[0], cols), d.reshape(data.shape[0], -1)

@@ -254,6 +254,11 @@ def dequantize_q6_k(b: torch.Tensor) -> torch.Tensor:
     return _per16(f16_value(b[:, 208:210])[:, None] * sc, q)
 
 
+def q8_k_parts(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, 292] -> (q int8 [B, 256], d float32 [B]) (the block sums that follow are for dot products only)."""
+    return b[:, 4:260].contiguous().view(torch.int8), f32_value(b[:, :4])
+
+
 def dequantize_q8_k(b: torch.Tensor) -> torch.Tensor:
-    q = b[:, 4:260].contiguous().view(torch.int8).float()
-    return f32_value(b[:, :4])[:, None] * q
+    q, d = q8_k_parts(b)
+    return d[:, None] * q.float()

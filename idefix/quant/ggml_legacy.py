@@ -100,9 +100,14 @@ def _q5(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
     return _unnibble(qs) | (unpack_bits(qh) << 4)
 
 
+def q5_0_parts(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, 22] -> (q - 16 int8 [N, 32] in -16..15, d float32 [N])."""
+    return (_q5(b[:, 2:6], b[:, 6:]).to(torch.int16) - 16).to(torch.int8), f16_value(b[:, :2])
+
+
 def dequantize_q5_0(b: torch.Tensor) -> torch.Tensor:
-    q = _q5(b[:, 2:6], b[:, 6:])
-    return f16_value(b[:, :2])[:, None] * (q.float() - 16)
+    q, d = q5_0_parts(b)
+    return d[:, None] * q.float()
 
 
 def dequantize_q5_1(b: torch.Tensor) -> torch.Tensor:

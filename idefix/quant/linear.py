@@ -3,18 +3,18 @@
 The stored form is GGML blocks (what UQFF files carry). At construction the blocks are repacked once
 into whatever the fastest kernel on the device wants:
 
-| kernel    | GGML types           | how                                                                   |
-|-----------|----------------------|-----------------------------------------------------------------------|
-| `q8_0`    | Q8_0                 | the native kernels (idefix/native/kernels.c, AVX-512), up to 16 rows: the |
-|           |                      | blocks in registers; Q8_0 with fp32 activations (exact up to the      |
-| `q4`      | Q4_0, Q4_1, Q4_K     | order of additions), 4-bit with activations rounded to int8 per block |
-|           |                      | (VNNI); more rows, a matmul on the exact fp32 weight                  |
-| `int4`    | Q4_0, Q4_1, Q4_K     | without the native kernels: torch's packed int4 matmul, groups of 32, |
-|           |                      | exact up to bf16 rounding of scale and zero; bf16 activations         |
-| `fp16`    | every other type     | dequantized once to fp16 (2 bytes per weight), fp16 matmul: the       |
-|           |                      | fp16 rounding is far below any GGML type's own error                  |
-| `dequant` | any type on a non-CPU | dequantize the blocks on each call, then a plain matmul: exact,       |
-|           | device               | slow; `idefix bench` shows it                                         |
+| kernel    | GGML types           | how                                                                    |
+|-----------|----------------------|------------------------------------------------------------------------|
+| `q8_0`    | Q8_0, Q5_0, Q8_K     | the native kernels (idefix/native/kernels.c, AVX-512), up to 16 rows:  |
+|           | (int8 x a scale per  | the blocks in registers; int8 types with fp32 activations (exact up to |
+|           | 32-block)            | the order of additions), 4-bit with activations rounded to int8 per    |
+| `q4`      | Q4_0, Q4_1, Q4_K     | block (VNNI); more rows, a matmul on the exact fp32 weight             |
+| `int4`    | Q4_0, Q4_1, Q4_K     | without the native kernels: torch's packed int4 matmul, groups of 32,  |
+|           |                      | exact up to bf16 rounding of scale and zero; bf16 activations          |
+| `fp16`    | every other type     | dequantized once to fp16 (2 bytes per weight), fp16 matmul: the fp16   |
+|           |                      | rounding is far below any GGML type's own error                        |
+| `dequant` | any type on a non-CPU | dequantize the blocks on each call, then a plain matmul: exact, slow;  |
+|           | device               | `idefix bench` shows it                                                |
 
 torch's int8 weight-only kernel was tried for Q8_0 (before the native one) and rejected: it needs one scale per
 output row, and re-rounding Q8_0's 32-weight blocks to per-row scales (plus bf16 activations) erred 1.4x as much
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from idefix import native
-from idefix.quant.ggml import GGMLType, dequantize, int4_groups, int8_blocks
+from idefix.quant.ggml import INT8_TYPES, GGMLType, dequantize, int4_groups, int8_blocks
 
 INT4_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K})
 INT4_GROUP = 32
@@ -50,7 +50,7 @@ def pick_kernel(qtype: GGMLType, device: torch.device) -> str:
         return "dequant"
     if qtype in INT4_TYPES:
         return "q4" if native.q4_available() else "int4"
-    if qtype is GGMLType.Q8_0 and native.available():
+    if qtype in INT8_TYPES and native.available():
         return "q8_0"
     return "fp16"
 
@@ -99,7 +99,7 @@ class QuantLinear(nn.Module):
             pairs = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
             self.register_buffer("scales_and_zeros", pairs, persistent=False)
         elif self.kernel == "q8_0":
-            q, scale = int8_blocks(data, in_features)
+            q, scale = int8_blocks(data, qtype, in_features)
             self.register_buffer("q8", q.contiguous(), persistent=False)
             self.register_buffer("q8_scale", scale.float().contiguous(), persistent=False)
         elif self.kernel == "fp16":

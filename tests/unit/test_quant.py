@@ -66,8 +66,8 @@ def rounded_per_block(x: torch.Tensor) -> torch.Tensor:
 # 544: an odd number of 32-blocks, padded to pairs for 4-bit (Q4_K rows are whole 256-weight super-blocks)
 @pytest.mark.parametrize(
     ("qtype", "cols"),
-    [(t, 1024) for t in (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K)]
-    + [(t, 544) for t in (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1)],
+    [(t, 1024) for t in (GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q8_K, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K)]
+    + [(t, 544) for t in (GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q4_0, GGMLType.Q4_1)],
     ids=str,
 )
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 40])
@@ -75,7 +75,8 @@ def test_native_kernels_are_dequantize_then_matmul(qtype: GGMLType, rows: int, c
     """Up to 16 rows the native kernel, beyond them a matmul on the dequantized weight, in fp32: only the order of
     the additions differs from dequantize-then-matmul, and for 4-bit (up to 16 rows) x's rounding to int8 per
     block, as llama.cpp rounds it."""
-    if qtype is not GGMLType.Q8_0 and not native.q4_available():
+    int8 = qtype in (GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q8_K)
+    if not int8 and not native.q4_available():
         pytest.skip("the CPU lacks AVX-512 VNNI")
     gen = torch.Generator().manual_seed(rows)
     weight = torch.randn(200, cols, generator=gen) * 0.05
@@ -83,7 +84,7 @@ def test_native_kernels_are_dequantize_then_matmul(qtype: GGMLType, rows: int, c
     data = quantize(weight, qtype)
     bias = torch.randn(200, generator=gen)
     layer = QuantLinear(cols, 200, qtype, data, bias, torch.float32)
-    assert layer.kernel == ("q8_0" if qtype is GGMLType.Q8_0 else "q4")
+    assert layer.kernel == ("q8_0" if int8 else "q4")
     if qtype in (GGMLType.Q4_0, GGMLType.Q4_1):  # their fp16 scales and offsets stay fp16: 20 bytes a block
         assert layer.q4_scale.dtype == layer.q4_offset.dtype == torch.float16
     seen = rounded_per_block(x) if layer.kernel == "q4" and rows <= native.MAX_ROWS else x
@@ -127,6 +128,7 @@ def test_pytorch_kernels_serve_without_the_native_ones(monkeypatch: pytest.Monke
     x = torch.randn(3, 256, generator=gen)
     for qtype, kernel in [
         (GGMLType.Q8_0, "fp16"),
+        (GGMLType.Q5_0, "fp16"),
         (GGMLType.Q4_0, "int4"),
         (GGMLType.Q4_1, "int4"),
         (GGMLType.Q4_K, "int4"),
