@@ -36,7 +36,7 @@ def _load() -> ctypes.CDLL | None:
     if not lib.idefix_q8_0_supported():
         return None
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.idefix_q8_0_matmul.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i32]
+    lib.idefix_q8_0_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i32]
     lib.idefix_q4_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i32, i32]
     lib.idefix_rms_norm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr, i32]
     for fn in (lib.idefix_q8_0_matmul, lib.idefix_q4_matmul, lib.idefix_rms_norm):
@@ -67,15 +67,16 @@ def _library() -> ctypes.CDLL:
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 
 
-def bind_q8_0(q: torch.Tensor, scale: torch.Tensor) -> Matmul:
-    """x fp32 [M, K] -> x @ (q int8 [N, K] * scale fp32 [N, K / 32] per 32-block).T, fp32 [M, N]; x contiguous.
-    The weight tensors must outlive the returned function and stay where they are."""
+def bind_q8_0(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None) -> Matmul:
+    """x fp32 [M, K] -> x @ W.T, fp32 [M, N], W = q * scale (+ offset) per 32-block: q int8 [N, K], scale and
+    offset fp32 [N, K / 32]; x contiguous. The weight tensors must outlive the returned function and stay put."""
     fn, n, q_ptr, scale_ptr = _library().idefix_q8_0_matmul, q.shape[0], q.data_ptr(), scale.data_ptr()
+    offset_ptr = None if offset is None else offset.data_ptr()
 
     def matmul(x: torch.Tensor) -> torch.Tensor:
         rows, k = x.shape
         y = torch.empty(rows, n, dtype=torch.float32)
-        fn(x.data_ptr(), rows, k, q_ptr, scale_ptr, n, y.data_ptr(), _threads())
+        fn(x.data_ptr(), rows, k, q_ptr, scale_ptr, offset_ptr, n, y.data_ptr(), _threads())
         return y
 
     return matmul

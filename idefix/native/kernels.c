@@ -5,7 +5,8 @@
 
    y[i, n] = sum_k x[i, k] * w[n, k] for a few rows x (fp32), with the weight held in 32-weight blocks as GGML
    defines them, dequantized in registers exactly as GGML does:
-   - Q8_0: int8 q[n, k] and a fp32 scale d[n, k / 32]; w = q * d.
+   - int8 blocks (Q8_0, Q5_0, Q8_K; Q5_1 and Q5_K with an offset): int8 q[n, k], a fp32 scale d[n, k / 32] and
+     maybe an offset m; w = q * d (+ m), GGML's dequantization exactly (q * d is exact, the sum rounded once).
    - 4-bit (Q4_0, Q4_1, Q4_K): nibbles, a scale d and offset m per block; w = q * d + m, which is GGML's
      dequantization exactly for all three (q * d is exact in fp32, and both round the sum once). d and m are
      fp16 where that holds them exactly (Q4_0 and Q4_1 store fp16; Q4_K's d * sub-block scale needs fp32): 20
@@ -56,9 +57,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) static inlin
     return _mm512_maskz_loadu_ps(mask, (const float *)p + at);
 }
 
-/* One Q8_0 weight row against `rows` rows of x. */
+/* One int8 weight row against `rows` rows of x: w = q * d, or q * d + m where `offsets` (a constant at each call). */
 __attribute__((target("avx512f,avx512bw"), always_inline)) static inline void q8_0_row(
-    const float *x, int64_t k, const int8_t *q, const float *d, float *out, const int rows) {
+    const float *x, int64_t k, const int8_t *q, const float *d, const float *m, float *out, const int rows,
+    const int offsets) {
     __m512 acc[2 * MAX_ROWS];
     for (int i = 0; i < 2 * rows; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t b = 0; b < k / BLOCK; b++) {
@@ -68,8 +70,15 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) static inline void q8
         const __m512 scale = _mm512_set1_ps(d[b]);
         const __m128i lo = _mm_loadu_si128((const __m128i *)(q + b * BLOCK));
         const __m128i hi = _mm_loadu_si128((const __m128i *)(q + b * BLOCK + 16));
-        const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), scale);
-        const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), scale);
+        __m512 w0, w1;
+        if (offsets) {
+            const __m512 offset = _mm512_set1_ps(m[b]);
+            w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), scale, offset);
+            w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), scale, offset);
+        } else {
+            w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), scale);
+            w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), scale);
+        }
         for (int i = 0; i < rows; i++) {
             const float *xb = x + i * k + b * BLOCK;
             acc[2 * i] = _mm512_fmadd_ps(_mm512_loadu_ps(xb), w0, acc[2 * i]);
@@ -148,11 +157,21 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) s
         }                                                                              \
     }
 
-/* x [rows_x, k], q [n, k], d [n, k / 32], y [rows_x, n], all contiguous; k a multiple of 32. */
+/* x [rows_x, k], q [n, k], d (and m, unless NULL) [n, k / 32], y [rows_x, n], all contiguous; k a multiple of 32. */
 __attribute__((target("avx512f,avx512bw"))) void idefix_q8_0_matmul(
-    const float *x, int64_t rows_x, int64_t k, const int8_t *q, const float *d, int64_t n, float *y, int threads) {
-#define Q8_0_ROW(r, rows, out) q8_0_row(x + first * k, k, q + (r) * k, d + (r) * (k / BLOCK), out, rows)
-    FOR_ROWS(rows_x, n, threads, first, rows, Q8_0_ROW)
+    const float *x, int64_t rows_x, int64_t k, const int8_t *q, const float *d, const float *m, int64_t n, float *y,
+    int threads) {
+#define Q8_0_ROW(r, rows, out) \
+    q8_0_row(x + first * k, k, q + (r) * k, d + (r) * (k / BLOCK), m ? m + (r) * (k / BLOCK) : 0, out, rows, OFFSETS)
+    if (m) {
+#define OFFSETS 1
+        FOR_ROWS(rows_x, n, threads, first, rows, Q8_0_ROW)
+#undef OFFSETS
+    } else {
+#define OFFSETS 0
+        FOR_ROWS(rows_x, n, threads, first, rows, Q8_0_ROW)
+#undef OFFSETS
+    }
 #undef Q8_0_ROW
 }
 

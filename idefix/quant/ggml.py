@@ -207,15 +207,19 @@ def int4_groups(data: torch.Tensor, qtype: GGMLType, cols: int) -> tuple[torch.T
     return q.reshape(rows, cols), d.reshape(rows, -1), offset.reshape(rows, -1)
 
 
-INT8_TYPES = frozenset({GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q8_K})
+INT8_TYPES = frozenset({GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q8_K, GGMLType.Q5_1, GGMLType.Q5_K})
 
 
-def int8_blocks(data: torch.Tensor, qtype: GGMLType, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q8_0 / Q5_0 / Q8_K rows -> (q int8 [R, C], scale f32 [R, C//32]) with w = q * scale exactly equal to
-    dequantize(): each is an integer times one fp32 scale per block, rounded once (Q5_0 as q - 16; Q8_K's one
-    scale per 256 repeated for each of its 32-blocks)."""
+def int8_blocks(
+    data: torch.Tensor, qtype: GGMLType, cols: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Q8_0 / Q5_0 / Q8_K / Q5_1 / Q5_K rows -> (q int8 [R, C], scale f32 [R, C//32], offset f32 [R, C//32] or
+    None) with w = q * scale (+ offset), rounded once, exactly equal to dequantize(): q * scale is exact in fp32 for
+    all of them (Q5_0 as q - 16; Q8_K's one scale per 256 repeated for each of its 32-blocks; Q5_1 x = d * q + m,
+    Q5_K x = d * q - m per 32)."""
     _check_bytes(data, qtype, cols)
     blocks = data.reshape(-1, qtype.type_size)
+    m = None
     if qtype is GGMLType.Q8_0:
         q, d = lg.q8_0_parts(blocks)
     elif qtype is GGMLType.Q5_0:
@@ -223,6 +227,12 @@ def int8_blocks(data: torch.Tensor, qtype: GGMLType, cols: int) -> tuple[torch.T
     elif qtype is GGMLType.Q8_K:
         q, d = kq.q8_k_parts(blocks)
         d = d.repeat_interleave(8)
+    elif qtype is GGMLType.Q5_1:
+        q, d, m = lg.q5_1_parts(blocks)
+    elif qtype is GGMLType.Q5_K:
+        q, d, m = kq.q5_k_parts(blocks)
+        q, m = q.to(torch.int8), -m
     else:
-        raise ValueError(f"int8_blocks needs Q8_0, Q5_0 or Q8_K, not {qtype.name}")
-    return q.reshape(data.shape[0], cols), d.reshape(data.shape[0], -1)
+        raise ValueError(f"int8_blocks needs Q8_0, Q5_0, Q8_K, Q5_1 or Q5_K, not {qtype.name}")
+    offset = None if m is None else m.reshape(data.shape[0], -1)
+    return q.reshape(data.shape[0], cols), d.reshape(data.shape[0], -1), offset

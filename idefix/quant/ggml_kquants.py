@@ -238,11 +238,17 @@ def dequantize_q4_k(b: torch.Tensor) -> torch.Tensor:
     return _per16(d, q, m)
 
 
-def dequantize_q5_k(b: torch.Tensor) -> torch.Tensor:
+def q5_k_parts(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, 176] -> (q uint8 [B, 256] in 0..31, d*sc f32 [B, 8], dmin*m f32 [B, 8]): x = (d*sc) * q - dmin*m."""
     sc, m = k4_scales_mins(b[:, 4:16])
     qs = b[:, 48:176].reshape(-1, 4, 1, 32)
     q = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(-1, 256) | (_hbits(b[:, 16:48]) << 4)
-    return _per16(f16_value(b[:, :2])[:, None] * sc.float(), q, f16_value(b[:, 2:4])[:, None] * m.float())
+    return q, f16_value(b[:, :2])[:, None] * sc.float(), f16_value(b[:, 2:4])[:, None] * m.float()
+
+
+def dequantize_q5_k(b: torch.Tensor) -> torch.Tensor:
+    q, d, m = q5_k_parts(b)
+    return _per16(d, q, m)
 
 
 def dequantize_q6_k(b: torch.Tensor) -> torch.Tensor:

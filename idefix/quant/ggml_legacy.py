@@ -110,9 +110,14 @@ def dequantize_q5_0(b: torch.Tensor) -> torch.Tensor:
     return d[:, None] * q.float()
 
 
+def q5_1_parts(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, 24] -> (q int8 [N, 32] in 0..31, d [N], m [N])."""
+    return _q5(b[:, 4:8], b[:, 8:]).to(torch.int8), f16_value(b[:, :2]), f16_value(b[:, 2:4])
+
+
 def dequantize_q5_1(b: torch.Tensor) -> torch.Tensor:
-    q = _q5(b[:, 4:8], b[:, 8:])
-    return f16_value(b[:, :2])[:, None] * q.float() + f16_value(b[:, 2:4])[:, None]
+    q, d, m = q5_1_parts(b)
+    return d[:, None] * q.float() + m[:, None]
 
 
 def dequantize_q8_0(b: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,9 @@ into whatever the fastest kernel on the device wants:
 
 | kernel    | GGML types           | how                                                                    |
 |-----------|----------------------|------------------------------------------------------------------------|
-| `q8_0`    | Q8_0, Q5_0, Q8_K     | the native kernels (idefix/native/kernels.c, AVX-512), up to 16 rows:  |
-|           | (int8 x a scale per  | the blocks in registers; int8 types with fp32 activations (exact up to |
-|           | 32-block)            | the order of additions), 4-bit with activations rounded to int8 per    |
+| `q8_0`    | Q8_0, Q5_0, Q8_K,    | the native kernels (idefix/native/kernels.c, AVX-512), up to 16 rows:  |
+|           | Q5_1, Q5_K (int8 x a | the blocks in registers; int8 types with fp32 activations (exact up to |
+|           | scale (+ offset))    | the order of additions), 4-bit with activations rounded to int8 per    |
 | `q4`      | Q4_0, Q4_1, Q4_K     | block (VNNI); more rows, a matmul on the exact fp32 weight             |
 | `int4`    | Q4_0, Q4_1, Q4_K     | without the native kernels: torch's packed int4 matmul, groups of 32,  |
 |           |                      | exact up to bf16 rounding of scale and zero; bf16 activations          |
@@ -39,7 +39,7 @@ INT4_PACK_ROWS = 64  # torch packs int4 weights in blocks of 64 output rows: onl
 BUFFERS = {
     "int4": {"packed": 0, "scales_and_zeros": 1},
     "q4": {"q4": 0, "q4_scale": 0, "q4_offset": 0},
-    "q8_0": {"q8": 0, "q8_scale": 0},
+    "q8_0": {"q8": 0, "q8_scale": 0, "q8_offset": 0},  # q8_offset: None for the types without one
     "fp16": {"fp16": 0},
     "dequant": {"data": 0},
 }
@@ -80,6 +80,7 @@ class QuantLinear(nn.Module):
         self.fp16: torch.Tensor
         self.q8: torch.Tensor
         self.q8_scale: torch.Tensor
+        self.q8_offset: torch.Tensor | None
         self.q4: torch.Tensor
         self.q4_scale: torch.Tensor
         self.q4_offset: torch.Tensor
@@ -99,9 +100,11 @@ class QuantLinear(nn.Module):
             pairs = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
             self.register_buffer("scales_and_zeros", pairs, persistent=False)
         elif self.kernel == "q8_0":
-            q, scale = int8_blocks(data, qtype, in_features)
+            q, scale, maybe_offset = int8_blocks(data, qtype, in_features)
             self.register_buffer("q8", q.contiguous(), persistent=False)
             self.register_buffer("q8_scale", scale.float().contiguous(), persistent=False)
+            kept = None if maybe_offset is None else maybe_offset.contiguous()
+            self.register_buffer("q8_offset", kept, persistent=False)
         elif self.kernel == "fp16":
             self.register_buffer("fp16", dequantize(data, qtype, in_features).half(), persistent=False)
         else:
@@ -130,7 +133,9 @@ class QuantLinear(nn.Module):
         bias = nn.Parameter(torch.cat(biases), requires_grad=False) if biases else None
         fused.register_parameter("bias", bias)
         for name, dim in BUFFERS[fused.kernel].items():
-            fused.register_buffer(name, torch.cat([getattr(p, name) for p in quant], dim=dim), persistent=False)
+            buffers = [getattr(p, name) for p in quant]  # all None or none (one type)
+            joined = None if buffers[0] is None else torch.cat(buffers, dim=dim)
+            fused.register_buffer(name, joined, persistent=False)
         return fused
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
@@ -140,7 +145,7 @@ class QuantLinear(nn.Module):
     def _native_matmul(self) -> native.Matmul:
         if self._native is None:
             if self.kernel == "q8_0":
-                self._native = native.bind_q8_0(self.q8, self.q8_scale)
+                self._native = native.bind_q8_0(self.q8, self.q8_scale, self.q8_offset)
             else:
                 self._native = native.bind_q4(self.q4, self.q4_scale, self.q4_offset)
         return self._native
@@ -156,7 +161,10 @@ class QuantLinear(nn.Module):
     def _fp32_weight(self) -> torch.Tensor:
         """The native kernels' weight [out, in] in fp32, as they compute it, for many-row (compute-bound) calls."""
         if self.kernel == "q8_0":
-            return (self.q8.view(self.out_features, -1, 32) * self.q8_scale[..., None]).view_as(self.q8)
+            q = self.q8.view(self.out_features, -1, 32)
+            if self.q8_offset is None:
+                return (q * self.q8_scale[..., None]).view_as(self.q8)
+            return torch.addcmul(self.q8_offset[..., None], q, self.q8_scale[..., None]).view_as(self.q8)
         blocks = self.in_features // 32
         q = native.unpack_nibbles(self.q4, self.in_features).view(self.out_features, blocks, 32).float()
         scale, offset = self.q4_scale[:, :blocks, None].float(), self.q4_offset[:, :blocks, None].float()

@@ -97,13 +97,18 @@ def test_int4_groups_reconstruct_dequantize(qtype: GGMLType) -> None:
     assert torch.equal(rebuilt.view_as(w), dequantize(data, qtype, w.shape[1]))
 
 
-@pytest.mark.parametrize("qtype", [GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q8_K], ids=lambda t: t.name)
+@pytest.mark.parametrize(
+    "qtype", [GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q8_K, GGMLType.Q5_1, GGMLType.Q5_K], ids=lambda t: t.name
+)
 def test_int8_blocks_reconstruct_dequantize(qtype: GGMLType) -> None:
     w = CASES["outliers"]
     data = quantize(w, qtype)
-    q, scale = int8_blocks(data, qtype, w.shape[1])
+    q, scale, offset = int8_blocks(data, qtype, w.shape[1])
     assert q.dtype == torch.int8 and scale.shape == (w.shape[0], w.shape[1] // 32)
     rebuilt = q.float().view(w.shape[0], -1, 32) * scale[..., None]
+    if offset is not None:
+        rebuilt = rebuilt + offset[..., None]
+    assert (offset is None) == (qtype in (GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q8_K))
     assert torch.equal(rebuilt.view_as(w), dequantize(data, qtype, w.shape[1]))
 
 

@@ -23,7 +23,7 @@ from idefix.generate import generate
 from idefix.loading import load
 from idefix.model.weights import _tensors, checkpoint_files, quantize_checkpoint
 from idefix.quant.apply import IsqSpec
-from idefix.quant.ggml import GGMLType, dequantize, quantize
+from idefix.quant.ggml import INT8_TYPES, GGMLType, dequantize, quantize
 from idefix.quant.linear import QuantLinear
 from idefix.quant.uqff import RESIDUAL, Source, UqffWriter, config_digest
 from idefix.sampling import SamplingParams
@@ -66,8 +66,8 @@ def rounded_per_block(x: torch.Tensor) -> torch.Tensor:
 # 544: an odd number of 32-blocks, padded to pairs for 4-bit (Q4_K rows are whole 256-weight super-blocks)
 @pytest.mark.parametrize(
     ("qtype", "cols"),
-    [(t, 1024) for t in (GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q8_K, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K)]
-    + [(t, 544) for t in (GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q4_0, GGMLType.Q4_1)],
+    [(t, 1024) for t in (*sorted(INT8_TYPES, key=lambda t: t.value), GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K)]
+    + [(t, 544) for t in (GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_0, GGMLType.Q4_1)],
     ids=str,
 )
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 40])
@@ -75,7 +75,7 @@ def test_native_kernels_are_dequantize_then_matmul(qtype: GGMLType, rows: int, c
     """Up to 16 rows the native kernel, beyond them a matmul on the dequantized weight, in fp32: only the order of
     the additions differs from dequantize-then-matmul, and for 4-bit (up to 16 rows) x's rounding to int8 per
     block, as llama.cpp rounds it."""
-    int8 = qtype in (GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q8_K)
+    int8 = qtype in INT8_TYPES
     if not int8 and not native.q4_available():
         pytest.skip("the CPU lacks AVX-512 VNNI")
     gen = torch.Generator().manual_seed(rows)
@@ -92,7 +92,9 @@ def test_native_kernels_are_dequantize_then_matmul(qtype: GGMLType, rows: int, c
     torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("qtype", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q5_0])
+@pytest.mark.parametrize(
+    "qtype", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q5_0, GGMLType.Q5_K]
+)
 @pytest.mark.parametrize("rows", [1, 20])
 def test_merged_layers_compute_exactly_what_the_parts_do(qtype: GGMLType, rows: int) -> None:
     """QuantLinear.concat (q/k/v and gate/up at load): the parts' outputs side by side, bit for bit."""
