@@ -138,40 +138,40 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) s
     for (int i = 0; i < rows; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], offsets[i]));
 }
 
-/* Rows of x, MAX_ROWS at a time, against all n weight rows, shared between the threads; ROW(r, rows, out) computes
-   one weight row for `rows` (a constant at each call, so each variant unrolls with its accumulators in registers). */
-#define FOR_ROWS(rows_x, n, threads, xs, pass_rows, ROW)                                 \
-    for (int64_t i0 = 0; i0 < (rows_x); i0 += MAX_ROWS) {                              \
-        const int pass_rows = (rows_x) - i0 < MAX_ROWS ? (int)((rows_x) - i0) : MAX_ROWS; \
-        const int64_t xs = i0;                                                         \
-        _Pragma("omp parallel for schedule(static) num_threads(threads)")              \
-        for (int64_t r = 0; r < (n); r++) {                                            \
-            float out[MAX_ROWS];                                                       \
-            switch (pass_rows) {                                                       \
-                case 1: ROW(r, 1, out); break;                                         \
-                case 2: ROW(r, 2, out); break;                                         \
-                case 3: ROW(r, 3, out); break;                                         \
-                default: ROW(r, 4, out); break;                                        \
-            }                                                                          \
-            for (int i = 0; i < pass_rows; i++) y[(i0 + i) * (n) + r] = out[i];        \
-        }                                                                              \
+/* Rows of x, MAX_ROWS at a time, against all n weight rows, shared between the threads; ROW(r, rows, out, flag)
+   computes one weight row for `rows`, with `flag` a kernel's variant. Both are constants at each call, so each
+   (rows, flag) compiles to its own loop with its accumulators in registers. */
+#define FOR_ROWS_WITH(flag, rows_x, n, threads, xs, ROW)                                            \
+    for (int64_t i0 = 0; i0 < (rows_x); i0 += MAX_ROWS) {                                           \
+        const int pass_rows = (rows_x) - i0 < MAX_ROWS ? (int)((rows_x) - i0) : MAX_ROWS;            \
+        const int64_t xs = i0;                                                                      \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                           \
+        for (int64_t r = 0; r < (n); r++) {                                                         \
+            float out[MAX_ROWS];                                                                    \
+            switch (pass_rows) {                                                                    \
+                case 1: ROW(r, 1, out, flag); break;                                                \
+                case 2: ROW(r, 2, out, flag); break;                                                \
+                case 3: ROW(r, 3, out, flag); break;                                                \
+                default: ROW(r, 4, out, flag); break;                                               \
+            }                                                                                       \
+            for (int i = 0; i < pass_rows; i++) y[(i0 + i) * (n) + r] = out[i];                     \
+        }                                                                                           \
+    }
+/* FOR_ROWS_WITH for the variant `flag` (a run-time condition) picks, 1 or 0 */
+#define FOR_ROWS(flag, rows_x, n, threads, xs, ROW)                    \
+    if (flag) {                                                        \
+        FOR_ROWS_WITH(1, rows_x, n, threads, xs, ROW)                  \
+    } else {                                                           \
+        FOR_ROWS_WITH(0, rows_x, n, threads, xs, ROW)                  \
     }
 
 /* x [rows_x, k], q [n, k], d (and m, unless NULL) [n, k / 32], y [rows_x, n], all contiguous; k a multiple of 32. */
 __attribute__((target("avx512f,avx512bw"))) void idefix_q8_0_matmul(
     const float *x, int64_t rows_x, int64_t k, const int8_t *q, const float *d, const float *m, int64_t n, float *y,
     int threads) {
-#define Q8_0_ROW(r, rows, out) \
-    q8_0_row(x + first * k, k, q + (r) * k, d + (r) * (k / BLOCK), m ? m + (r) * (k / BLOCK) : 0, out, rows, OFFSETS)
-    if (m) {
-#define OFFSETS 1
-        FOR_ROWS(rows_x, n, threads, first, rows, Q8_0_ROW)
-#undef OFFSETS
-    } else {
-#define OFFSETS 0
-        FOR_ROWS(rows_x, n, threads, first, rows, Q8_0_ROW)
-#undef OFFSETS
-    }
+#define Q8_0_ROW(r, rows, out, offsets) \
+    q8_0_row(x + first * k, k, q + (r) * k, d + (r) * (k / BLOCK), m ? m + (r) * (k / BLOCK) : 0, out, rows, offsets)
+    FOR_ROWS(m != 0, rows_x, n, threads, first, Q8_0_ROW)
 #undef Q8_0_ROW
 }
 
@@ -201,22 +201,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void idefix_q4_m
             *sum = *scale * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(r0, r1));
         }
     }
-    /* HALF: a constant in each expansion, so that each scale width compiles to its own loop */
-#define Q4_ROW(r, rows, out)                                                                                \
+#define Q4_ROW(r, rows, out, half)                                                                         \
     do {                                                                                                    \
         const QuantizedX xq = {x8 + first * kp, stats + first * blocks, stats + (rows_x + first) * blocks}; \
-        const int64_t row_at = (r) * blocks * (HALF ? 2 : 4);                                               \
-        q4_row(&xq, kp, q + (r) * (kp / 2), (const char *)d + row_at, (const char *)m + row_at, out, rows, HALF); \
+        const int64_t row_at = (r) * blocks * ((half) ? 2 : 4);                                             \
+        q4_row(&xq, kp, q + (r) * (kp / 2), (const char *)d + row_at, (const char *)m + row_at, out, rows, half); \
     } while (0)
-    if (half) {
-#define HALF 1
-        FOR_ROWS(rows_x, n, threads, first, rows, Q4_ROW)
-#undef HALF
-    } else {
-#define HALF 0
-        FOR_ROWS(rows_x, n, threads, first, rows, Q4_ROW)
-#undef HALF
-    }
+    FOR_ROWS(half, rows_x, n, threads, first, Q4_ROW)
 #undef Q4_ROW
     free(x8);
     free(stats);
