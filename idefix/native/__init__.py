@@ -67,19 +67,23 @@ def _library() -> ctypes.CDLL:
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 
 
-def bind_q8_0(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None) -> Matmul:
-    """x fp32 [M, K] -> x @ W.T, fp32 [M, N], W = q * scale (+ offset) per 32-block: q int8 [N, K], scale and
-    offset fp32 [N, K / 32]; x contiguous. The weight tensors must outlive the returned function and stay put."""
-    fn, n, q_ptr, scale_ptr = _library().idefix_q8_0_matmul, q.shape[0], q.data_ptr(), scale.data_ptr()
-    offset_ptr = None if offset is None else offset.data_ptr()
+def _bind(fn: Callable[..., None], n: int, weights: tuple[int | None, ...], flags: tuple[int, ...] = ()) -> Matmul:
+    """x -> fn(x, rows, k, *weights, n, y, threads, *flags) into a new fp32 y [rows, n]."""
 
     def matmul(x: torch.Tensor) -> torch.Tensor:
         rows, k = x.shape
         y = torch.empty(rows, n, dtype=torch.float32)
-        fn(x.data_ptr(), rows, k, q_ptr, scale_ptr, offset_ptr, n, y.data_ptr(), _threads())
+        fn(x.data_ptr(), rows, k, *weights, n, y.data_ptr(), _threads(), *flags)
         return y
 
     return matmul
+
+
+def bind_q8_0(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None) -> Matmul:
+    """x fp32 [M, K] -> x @ W.T, fp32 [M, N], W = q * scale (+ offset) per 32-block: q int8 [N, K], scale and
+    offset fp32 [N, K / 32]; x contiguous. The weight tensors must outlive the returned function and stay put."""
+    weights = (q.data_ptr(), scale.data_ptr(), None if offset is None else offset.data_ptr())
+    return _bind(_library().idefix_q8_0_matmul, q.shape[0], weights)
 
 
 def bind_q4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> Matmul:
@@ -88,16 +92,8 @@ def bind_q4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> Matmu
     to 64); x contiguous. The weight tensors must outlive the returned function and stay where they are."""
     if scale.dtype != offset.dtype or scale.dtype not in (torch.float16, torch.float32):
         raise ValueError(f"scale and offset must both be fp16 or fp32, not {scale.dtype} and {offset.dtype}")
-    fn, n, half = _library().idefix_q4_matmul, q.shape[0], int(scale.dtype == torch.float16)
-    q_ptr, scale_ptr, offset_ptr = q.data_ptr(), scale.data_ptr(), offset.data_ptr()
-
-    def matmul(x: torch.Tensor) -> torch.Tensor:
-        rows, k = x.shape
-        y = torch.empty(rows, n, dtype=torch.float32)
-        fn(x.data_ptr(), rows, k, q_ptr, scale_ptr, offset_ptr, n, y.data_ptr(), _threads(), half)
-        return y
-
-    return matmul
+    weights = (q.data_ptr(), scale.data_ptr(), offset.data_ptr())
+    return _bind(_library().idefix_q4_matmul, q.shape[0], weights, (int(scale.dtype == torch.float16),))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

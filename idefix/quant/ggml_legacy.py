@@ -102,7 +102,7 @@ def _q5(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
 
 def q5_0_parts(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, 22] -> (q - 16 int8 [N, 32] in -16..15, d float32 [N])."""
-    return (_q5(b[:, 2:6], b[:, 6:]).to(torch.int16) - 16).to(torch.int8), f16_value(b[:, :2])
+    return _q5(b[:, 2:6], b[:, 6:]).to(torch.int8) - 16, f16_value(b[:, :2])
 
 
 def dequantize_q5_0(b: torch.Tensor) -> torch.Tensor:
