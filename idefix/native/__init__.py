@@ -1,5 +1,5 @@
 """idefix's optional native kernels for AVX-512 CPUs (idefix/native/kernels.c): Q8_0 and 4-bit matrix-vector
-products for decode, and RMSNorm.
+products for decode, RMSNorm, and the vision tower's attention.
 
 setup.py builds them into _lib/ beside this file when it can; it is a plain shared library (no Python module),
 loaded with ctypes once PyTorch is imported, so that its OpenMP loops run on PyTorch's own thread pool. Absent,
@@ -41,6 +41,8 @@ def _load() -> ctypes.CDLL | None:
     lib.idefix_rms_norm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr, i32]
     for fn in (lib.idefix_q8_0_matmul, lib.idefix_q4_matmul, lib.idefix_rms_norm):
         fn.restype = None
+    lib.idefix_attention.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, i32]
+    lib.idefix_attention.restype = i32
     return lib
 
 
@@ -102,6 +104,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     n = x.shape[-1]
     _library().idefix_rms_norm(x.data_ptr(), x.numel() // n, n, weight.data_ptr(), eps, y.data_ptr(), _threads())
     return y
+
+
+ATTENTION_MAX_HEAD_DIM = 80  # SigLIP's 64 (SmolVLM-256M / 500M) and 72 (so400m: SmolVLM, Idefics3-8B)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Unmasked attention per head, fp32 on the CPU: q, k, v [B, T, H, D] (D <= ATTENTION_MAX_HEAD_DIM, each
+    with unit stride in D and one token stride, e.g. views of projections' [B, T, H * D] outputs) ->
+    softmax(scale * q k^T) v as [B, T, H * D], the layout the output projection takes."""
+    batch, t, heads, d = q.shape
+    stride = q.stride(1)
+    if k.shape != q.shape or v.shape != q.shape or any(x.stride() != (t * stride, stride, d, 1) for x in (q, k, v)):
+        raise ValueError("q, k and v must be [B, T, H, D] with rows of one stride and heads side by side")
+    out = torch.empty(batch, t, heads * d, dtype=torch.float32)
+    pointers = (x.data_ptr() for x in (q, k, v, out))
+    if _library().idefix_attention(*pointers, batch, t, heads, d, stride, heads * d, scale, _threads()):
+        raise MemoryError("the native attention kernel could not allocate its buffers")
+    return out
 
 
 def pad_blocks(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -234,3 +234,166 @@ __attribute__((target("avx512f"))) void idefix_rms_norm(
         }
     }
 }
+
+/* ---------------------------------------------------------------------------------------------- attention
+
+   The vision tower's attention, fp32 and unmasked (every patch of a full tile): for each sequence b and head h,
+   out[i] = sum_j softmax_j(scale * q[i] . k[j]) v[j]. PyTorch's CPU flash kernel reaches about half of a plain
+   matmul's rate on SigLIP's shapes (1024 patches, head_dim 64), which made attention a fifth of a tile's time.
+   One task is one (sequence, head). K is copied transposed, V row by row, both cut into blocks of ATT_KEYS keys
+   that fit L1, and the queries go through ATT_QUERIES rows at a time, so that each block comes from L2 once for
+   all of them (with 4 rows a pass, L2's bandwidth set the pace). For each query block: the full score rows, an
+   exact softmax (max, exp, sum: the rows are short enough that no running rescale is needed), then the product
+   with V. The register blocks are 4 rows x 64 keys or 4 rows x head_dim: 16 to 20 accumulators. */
+
+#define ATT_ROWS 4     /* query rows of a register block */
+#define ATT_KEYS 64    /* keys of a K or V block */
+#define ATT_QUERIES 32 /* query rows per pass over K and V */
+
+/* e^x for x <= 0 (softmax's shifted scores), Cephes' expf polynomial: within 2 ulp. */
+__attribute__((target("avx512f"), always_inline)) static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f)); /* below, e^x is 0 in fp32 and scalef gives 0 too */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1); }
+
+/* s[r][j] = qs[r] . k_j for the ATT_QUERIES rows of qs ([ATT_QUERIES][d], already scaled) and all keys [0, tp),
+   and each row's maximum over the keys [0, t) into top[r]; kt: K by key block, [tp / ATT_KEYS][d][ATT_KEYS]. */
+__attribute__((target("avx512f"))) static void att_scores(const float *qs, const float *kt, int64_t d,
+                                                          int64_t tp, int64_t t, float *s, float *top) {
+    __m512 m[ATT_QUERIES];
+    for (int r = 0; r < ATT_QUERIES; r++) m[r] = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < tp; j += ATT_KEYS) {
+        const float *block = kt + j * d;
+        for (int r0 = 0; r0 < ATT_QUERIES; r0 += ATT_ROWS) {
+            __m512 acc[ATT_ROWS][ATT_KEYS / 16];
+            for (int r = 0; r < ATT_ROWS; r++)
+                for (int c = 0; c < ATT_KEYS / 16; c++) acc[r][c] = _mm512_setzero_ps();
+            for (int64_t e = 0; e < d; e++) {
+                __m512 kv[ATT_KEYS / 16];
+                for (int c = 0; c < ATT_KEYS / 16; c++) kv[c] = _mm512_load_ps(block + e * ATT_KEYS + 16 * c);
+                for (int r = 0; r < ATT_ROWS; r++) {
+                    const __m512 qb = _mm512_set1_ps(qs[(r0 + r) * d + e]);
+                    for (int c = 0; c < ATT_KEYS / 16; c++) acc[r][c] = _mm512_fmadd_ps(qb, kv[c], acc[r][c]);
+                }
+            }
+            for (int r = 0; r < ATT_ROWS; r++)
+                for (int c = 0; c < ATT_KEYS / 16; c++) {
+                    _mm512_store_ps(s + (r0 + r) * tp + j + 16 * c, acc[r][c]);
+                    m[r0 + r] = _mm512_mask_max_ps(m[r0 + r], tail_mask(t - j - 16 * c), m[r0 + r], acc[r][c]);
+                }
+        }
+    }
+    for (int r = 0; r < ATT_QUERIES; r++) top[r] = _mm512_reduce_max_ps(m[r]);
+}
+
+/* Rows of s [ATT_QUERIES][tp] over keys [0, t) -> e^(s - top[r]) in place; sums[r] their totals. */
+__attribute__((target("avx512f"))) static void att_softmax(float *s, int64_t tp, int64_t t, const float *tops,
+                                                           float *sums) {
+    for (int r = 0; r < ATT_QUERIES; r++) {
+        float *row = s + r * tp;
+        const __m512 top = _mm512_set1_ps(tops[r]);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < t; j += 16) {
+            const __mmask16 mask = tail_mask(t - j);
+            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + j), top));
+            _mm512_mask_storeu_ps(row + j, mask, e);
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
+        }
+        sums[r] = _mm512_reduce_add_ps(sum);
+    }
+}
+
+/* o[r] = sum_j p[r][j] v_j for the ATT_QUERIES rows of p [ATT_QUERIES][tp] and keys [0, t); vc: V's rows, dv =
+   16 * nv floats apart (zero-padded); o: [ATT_QUERIES][dv]. nv is a constant at each call, so the
+   accumulators stay in registers. */
+__attribute__((target("avx512f"), always_inline)) static inline void att_values(
+    const float *p, int64_t tp, const float *vc, int64_t t, float *o, const int nv) {
+    const int64_t dv = 16 * nv;
+    for (int64_t j0 = 0; j0 < t; j0 += ATT_KEYS) {
+        const int64_t j1 = j0 + ATT_KEYS < t ? j0 + ATT_KEYS : t;
+        for (int r0 = 0; r0 < ATT_QUERIES; r0 += ATT_ROWS) {
+            __m512 acc[ATT_ROWS][5];
+            for (int r = 0; r < ATT_ROWS; r++)
+                for (int c = 0; c < nv; c++)
+                    acc[r][c] = j0 ? _mm512_load_ps(o + (r0 + r) * dv + 16 * c) : _mm512_setzero_ps();
+            for (int64_t j = j0; j < j1; j++) {
+                __m512 vv[5];
+                for (int c = 0; c < nv; c++) vv[c] = _mm512_load_ps(vc + j * dv + 16 * c);
+                for (int r = 0; r < ATT_ROWS; r++) {
+                    const __m512 pb = _mm512_set1_ps(p[(r0 + r) * tp + j]);
+                    for (int c = 0; c < nv; c++) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
+                }
+            }
+            for (int r = 0; r < ATT_ROWS; r++)
+                for (int c = 0; c < nv; c++) _mm512_store_ps(o + (r0 + r) * dv + 16 * c, acc[r][c]);
+        }
+    }
+}
+
+/* q, k, v: [batch, t, heads, d] with token rows `stride` floats apart (e.g. views of projections' outputs);
+   out: [batch, t, heads * d] rows `out_stride` apart; 1 <= d <= 80. Returns 0, or -1 when a buffer cannot be
+   allocated (out is then incomplete). */
+__attribute__((target("avx512f"))) int idefix_attention(const float *q, const float *k, const float *v,
+                                                        float *out, int64_t batch, int64_t t, int64_t heads,
+                                                        int64_t d, int64_t stride, int64_t out_stride,
+                                                        float scale, int threads) {
+    const int64_t tp = (t + ATT_KEYS - 1) / ATT_KEYS * ATT_KEYS;
+    const int nv = (int)((d + 15) / 16);
+    const int64_t dv = 16 * nv;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t task = 0; task < batch * heads; task++) {
+        const int64_t b = task / heads, h = task % heads;
+        const float *qb = q + b * t * stride + h * d, *kb = k + b * t * stride + h * d, *vb = v + b * t * stride + h * d;
+        /* kt [d * tp], vc [t * dv], s [ATT_QUERIES * tp], o [ATT_QUERIES * dv], qs [ATT_QUERIES * d]: whole lines */
+        const size_t floats = (size_t)(d * tp + t * dv + ATT_QUERIES * (tp + dv + d) + 15) / 16 * 16;
+        float *kt = aligned_alloc(64, floats * sizeof(float));
+        if (!kt) { failed = 1; continue; }
+        float *vc = kt + d * tp, *s = vc + t * dv, *o = s + ATT_QUERIES * tp, *qs = o + ATT_QUERIES * dv;
+        for (int64_t j0 = 0; j0 < tp; j0 += ATT_KEYS)
+            for (int64_t j = j0; j < j0 + ATT_KEYS; j++)
+                for (int64_t e = 0; e < d; e++) kt[(j0 * d + e * ATT_KEYS) + j - j0] = j < t ? kb[j * stride + e] : 0.0f;
+        for (int64_t j = 0; j < t; j++) {
+            memcpy(vc + j * dv, vb + j * stride, d * sizeof(float));
+            memset(vc + j * dv + d, 0, (dv - d) * sizeof(float));
+        }
+        for (int64_t i0 = 0; i0 < t; i0 += ATT_QUERIES) {
+            const int rows = t - i0 < ATT_QUERIES ? (int)(t - i0) : ATT_QUERIES;
+            for (int r = 0; r < ATT_QUERIES; r++) { /* a short last block repeats its last row */
+                const float *row = qb + (i0 + (r < rows ? r : rows - 1)) * stride;
+                for (int64_t e = 0; e < d; e++) qs[r * d + e] = row[e] * scale;
+            }
+            float tops[ATT_QUERIES], sums[ATT_QUERIES];
+            att_scores(qs, kt, d, tp, t, s, tops);
+            att_softmax(s, tp, t, tops, sums);
+            switch (nv) {
+            case 1: att_values(s, tp, vc, t, o, 1); break;
+            case 2: att_values(s, tp, vc, t, o, 2); break;
+            case 3: att_values(s, tp, vc, t, o, 3); break;
+            case 4: att_values(s, tp, vc, t, o, 4); break;
+            default: att_values(s, tp, vc, t, o, 5); break;
+            }
+            for (int r = 0; r < rows; r++) {
+                const __m512 inv = _mm512_set1_ps(1.0f / sums[r]);
+                float *dst = out + (b * t + i0 + r) * out_stride + h * d;
+                for (int c = 0; c < nv; c++)
+                    _mm512_mask_storeu_ps(dst + 16 * c, tail_mask(d - 16 * c), _mm512_mul_ps(_mm512_load_ps(o + r * dv + 16 * c), inv));
+            }
+        }
+        free(kt);
+    }
+    return failed ? -1 : 0;
+}

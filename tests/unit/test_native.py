@@ -1,5 +1,5 @@
-"""The native kernels' helpers that are not quantized products (those are in test_quant.py): RMSNorm and the
-4-bit layout."""
+"""The native kernels that are not quantized products (those are in test_quant.py): RMSNorm, the vision tower's
+attention, and the 4-bit layout."""
 
 from __future__ import annotations
 
@@ -32,6 +32,33 @@ def test_rms_norm_layer_on_contiguous_and_strided_input() -> None:
     reference = F.rms_norm(x, (64,), norm.weight, 1e-6)
     torch.testing.assert_close(norm(x), reference)
     torch.testing.assert_close(norm(x.transpose(0, 1)), reference.transpose(0, 1))  # not contiguous: torch's
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("batch", "t", "heads", "d"),
+    [(2, 1024, 2, 64), (1, 729, 3, 72), (3, 64, 2, 64), (2, 37, 3, 20), (1, 1, 1, 8), (1, 100, 1, 80), (5, 33, 1, 16)],
+)  # SigLIP's 64 and 72 wide heads on whole tiles; part-filled key blocks, query blocks and vectors; one token
+def test_native_attention_is_sdpa(batch: int, t: int, heads: int, d: int) -> None:
+    gen = torch.Generator().manual_seed(t * d)
+    qkv = torch.randn(batch, t, 3, heads * d, generator=gen) * 2  # q, k, v: strided views of one projection
+    q, k, v = (qkv[:, :, i].view(batch, t, heads, d) for i in range(3))
+
+    def sdpa(*qkv: torch.Tensor) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in qkv))
+        return out.transpose(1, 2).reshape(batch, t, heads * d).double()
+
+    exact = sdpa(q.double(), k.double(), v.double())
+    torch_error = (sdpa(q, k, v) - exact).abs().max().item()
+    error = (native.attention(q, k, v, d**-0.5).double() - exact).abs().max().item()
+    assert error <= 2 * torch_error + 1e-6  # as close to the fp64 result as PyTorch's own fp32 kernel
+
+
+@needs_native
+def test_native_attention_rejects_other_layouts() -> None:
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="heads side by side"):
+        native.attention(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), 0.25)
 
 
 @pytest.mark.parametrize("cols", [64, 96, 544])
