@@ -83,9 +83,18 @@ class VisionMLP(nn.Module):
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.act = activation(config.hidden_act)
+        self.tanh_gelu = config.hidden_act in ("gelu_pytorch_tanh", "gelu_new")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._native(x):  # fc1's bias and the activation in one pass over its product (~10% of a tile)
+            return self.fc2(native.bias_gelu_tanh_(torch.matmul(x, self.fc1.weight.t()), self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
+
+    def _native(self, x: torch.Tensor) -> bool:
+        """A tanh GELU after a plain (not quantized) fc1, in fp32 on an AVX-512 CPU."""
+        if not (type(self.fc1) is nn.Linear and self.fc1.bias is not None and self.tanh_gelu):
+            return False
+        return x.device.type == "cpu" and x.dtype == self.fc1.weight.dtype == torch.float32 and native.available()
 
 
 class VisionEncoderLayer(nn.Module):

@@ -43,6 +43,8 @@ def _load() -> ctypes.CDLL | None:
         fn.restype = None
     lib.idefix_attention.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, i32]
     lib.idefix_attention.restype = i32
+    lib.idefix_bias_gelu_tanh.argtypes = [ptr, i64, i64, ptr, i32]
+    lib.idefix_bias_gelu_tanh.restype = None
     return lib
 
 
@@ -122,6 +124,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     if _library().idefix_attention(*pointers, batch, t, heads, d, stride, heads * d, scale, _threads()):
         raise MemoryError("the native attention kernel could not allocate its buffers")
     return out
+
+
+def bias_gelu_tanh_(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x = gelu(x + bias, approximate="tanh") in place, in one pass, for contiguous fp32 x [..., n] and bias [n]."""
+    n = x.shape[-1]
+    if not x.is_contiguous() or bias.shape != (n,) or not bias.is_contiguous():
+        raise ValueError("x must be contiguous and bias one contiguous row as long as x's")
+    _library().idefix_bias_gelu_tanh(x.data_ptr(), x.numel() // n, n, bias.data_ptr(), _threads())
+    return x
 
 
 def pad_blocks(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -250,9 +250,9 @@ __attribute__((target("avx512f"))) void idefix_rms_norm(
 #define ATT_KEYS 64    /* keys of a K or V block */
 #define ATT_QUERIES 32 /* query rows per pass over K and V */
 
-/* e^x for x <= 0 (softmax's shifted scores), Cephes' expf polynomial: within 2 ulp. */
-__attribute__((target("avx512f"), always_inline)) static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f)); /* below, e^x is 0 in fp32 and scalef gives 0 too */
+/* e^x in fp32, Cephes' expf polynomial: within 2 ulp; 0 below -103, and e^88 (finite) for anything above 88. */
+__attribute__((target("avx512f"), always_inline)) static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-103.0f)), _mm512_set1_ps(88.0f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -308,7 +308,7 @@ __attribute__((target("avx512f"))) static void att_softmax(float *s, int64_t tp,
         __m512 sum = _mm512_setzero_ps();
         for (int64_t j = 0; j < t; j += 16) {
             const __mmask16 mask = tail_mask(t - j);
-            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + j), top));
+            const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + j), top));
             _mm512_mask_storeu_ps(row + j, mask, e);
             sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
         }
@@ -396,4 +396,31 @@ __attribute__((target("avx512f"))) int idefix_attention(const float *q, const fl
         free(kt);
     }
     return failed ? -1 : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------- GELU
+
+   The vision MLP's bias and activation in one pass over fc1's product, in place: x = gelu(x + bias) with the
+   tanh approximation, written as z * sigmoid(2u) = z / (1 + e^(-2u)), u = sqrt(2 / pi) (z + 0.044715 z^3), which
+   equals 0.5 z (1 + tanh(u)) and stays exact in the tails. PyTorch does the bias (a copy before the product) and
+   the activation (another pass) separately, over an output too large for the caches. */
+__attribute__((target("avx512f"))) void idefix_bias_gelu_tanh(float *x, int64_t rows, int64_t n, const float *bias,
+                                                              int threads) {
+#pragma omp parallel for schedule(static) num_threads(rows >= 64 ? threads : 1)
+    for (int64_t r = 0; r < rows; r++) {
+        float *xr = x + r * n;
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 mask = tail_mask(n - j);
+            const __m512 z = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, xr + j), _mm512_maskz_loadu_ps(mask, bias + j));
+            const __m512 z3 = _mm512_mul_ps(_mm512_mul_ps(z, z), z);
+            const __m512 u = _mm512_mul_ps(_mm512_fmadd_ps(z3, _mm512_set1_ps(0.044715f), z),
+                                           _mm512_set1_ps(-1.5957691216057308f)); /* -2 sqrt(2 / pi) */
+            /* 1 / (1 + e): a 14-bit reciprocal and one Newton step (a division would cost more than the rest) */
+            const __m512 den = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(u));
+            const __m512 r14 = _mm512_rcp14_ps(den);
+            const __m512 inv = _mm512_mul_ps(r14, _mm512_fnmadd_ps(den, r14, _mm512_set1_ps(2.0f)));
+            const __m512 g = _mm512_mul_ps(z, inv);
+            _mm512_mask_storeu_ps(xr + j, mask, g);
+        }
+    }
 }

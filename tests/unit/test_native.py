@@ -1,5 +1,5 @@
 """The native kernels that are not quantized products (those are in test_quant.py): RMSNorm, the vision tower's
-attention, and the 4-bit layout."""
+attention and bias + GELU, and the 4-bit layout."""
 
 from __future__ import annotations
 
@@ -59,6 +59,19 @@ def test_native_attention_rejects_other_layouts() -> None:
     q = torch.randn(1, 8, 2, 16)
     with pytest.raises(ValueError, match="heads side by side"):
         native.attention(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), 0.25)
+
+
+@needs_native
+@pytest.mark.parametrize(("rows", "n"), [(1, 7), (100, 3072), (3, 37)])  # 100: threaded rows; 7, 37: part vectors
+def test_native_bias_gelu_is_torchs(rows: int, n: int) -> None:
+    gen = torch.Generator().manual_seed(rows * n)
+    x = torch.randn(rows, n, generator=gen) * 8  # tails too: GELU(-20) underflows, GELU(20) is 20
+    bias = torch.randn(n, generator=gen)
+    z = x + bias
+    exact = F.gelu(z.double(), approximate="tanh")
+    torch_error = (F.gelu(z, approximate="tanh").double() - exact).abs().max().item()
+    error = (native.bias_gelu_tanh_(x.clone(), bias).double() - exact).abs().max().item()
+    assert error <= 2 * torch_error + 1e-6
 
 
 @pytest.mark.parametrize("cols", [64, 96, 544])
