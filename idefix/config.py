@@ -17,6 +17,8 @@ class EngineConfig:
     cache_slots: extra KV slots that keep finished conversations for prefix reuse (turn 2 of a chat).
     enable_prefix_caching: reuse the KV of the longest cached prefix (text and image tokens).
     image_cache_bytes: bound of the encoded-image feature cache (LRU, keyed by image content).
+    cuda_graphs: on a CUDA device, replay decode steps as CUDA graphs (recorded on first use of each batch
+        shape; see idefix/engine/graphs.py).
     """
 
     max_num_seqs: int = 16
@@ -26,6 +28,7 @@ class EngineConfig:
     cache_slots: int = 4
     enable_prefix_caching: bool = True
     image_cache_bytes: int = 256 * 2**20
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence as Seq
 
 from idefix.config import EngineConfig
+from idefix.engine.graphs import DecodeGraphs
 from idefix.engine.image_cache import ImageFeatureCache
 from idefix.engine.kv_cache import SlotPool
 from idefix.engine.runner import ModelRunner
@@ -41,7 +42,10 @@ class Engine:
         self.pool = SlotPool(num_slots, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.pool)
         self.image_cache = ImageFeatureCache(config.image_cache_bytes)
-        self.runner = ModelRunner(loaded.model, self.cache, self.image_cache, loaded.eos_token_ids)
+        graphs = None
+        if self.config.cuda_graphs and DecodeGraphs.supported(loaded.model, self.cache):
+            graphs = DecodeGraphs(loaded.model, self.cache)
+        self.runner = ModelRunner(loaded.model, self.cache, self.image_cache, loaded.eos_token_ids, graphs)
         self.tokenizer = loaded.processor.tokenizer
         self.requests: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()

@@ -6,6 +6,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from idefix.engine.graphs import DecodeGraphs
 from idefix.engine.image_cache import ImageFeatureCache
 from idefix.engine.sampler import SamplerOutput, SamplingBatch, sample
 from idefix.engine.scheduler import StepPlan
@@ -16,12 +17,18 @@ from idefix.request import Sequence
 
 class ModelRunner:
     def __init__(
-        self, model: Idefics3Model, cache: KVCache, image_cache: ImageFeatureCache, eos_ids: frozenset[int]
+        self,
+        model: Idefics3Model,
+        cache: KVCache,
+        image_cache: ImageFeatureCache,
+        eos_ids: frozenset[int],
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
         self.image_cache = image_cache
         self.eos_ids = eos_ids
+        self.graphs = graphs  # decode-only steps over contiguous slots replay CUDA graphs
         self.device = model.device
 
     @torch.inference_mode()
@@ -33,6 +40,11 @@ class ModelRunner:
         ids: list[int] = [seq.output_ids[-1] for seq in decodes]
         positions: list[int] = [seq.total_len - 1 for seq in decodes]
         slots: list[int] = [_slot(seq) for seq in decodes]
+        graphs = self.graphs is not None and self.graphs.enabled
+        if graphs and decodes and not plan.prefills and slots[-1] - slots[0] == len(slots) - 1:
+            assert self.graphs is not None
+            logits = self.graphs.logits(ids, positions, slots[0])
+            return list(decodes), sample(logits, self._sampling_batch(list(decodes), logits.shape[-1]))
         image_rows: list[torch.Tensor] = []
         image_mask: list[bool] = [False] * len(ids)
         segments: list[Segment] = []

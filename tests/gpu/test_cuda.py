@@ -106,3 +106,24 @@ def test_batched_greedy_on_cuda_equals_alone(deep: Path) -> None:
         for out in engine.step():
             tokens[out.request_id] += out.token_ids
     assert [tokens[rid] for rid in ids] == alone
+
+
+def test_cuda_graph_decode_gives_the_eager_tokens(deep: Path) -> None:
+    loaded = load(str(deep), progress=False, device="cuda", dtype="fp32")
+    requests = [(_image_messages(i, (60 + 30 * i, 50 + 10 * i)), SamplingParams(temperature=0, max_tokens=8 + 4 * i))
+                for i in range(5)]  # fmt: skip
+    results = []
+    for cuda_graphs in (False, True):
+        engine = Engine(loaded, EngineConfig(max_num_seqs=5, max_num_batched_tokens=64, cuda_graphs=cuda_graphs))
+        assert (engine.runner.graphs is not None) == cuda_graphs
+        results.append([generate(engine, m, p).token_ids for m, p in requests[:2]])  # one at a time
+        ids = [engine.add(engine.prepare(messages), params) for messages, params in requests]  # together
+        tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens[out.request_id] += out.token_ids
+        results[-1] += [tokens[rid] for rid in ids]
+        if cuda_graphs:
+            assert engine.runner.graphs is not None and engine.runner.graphs.enabled
+            assert engine.runner.graphs.graphs  # recorded, and replayed for the later steps
+    assert results[1] == results[0]

@@ -13,6 +13,7 @@ from PIL import Image
 
 from idefix.config import EngineConfig
 from idefix.engine.engine import Engine
+from idefix.engine.graphs import DecodeGraphs
 from idefix.engine.scheduler import StepPlan
 from idefix.errors import ContextLengthError, OverloadedError
 from idefix.generate import generate
@@ -58,6 +59,21 @@ def test_batched_greedy_equals_alone(loaded: LoadedModel, prefix_caching: bool) 
     alone = [_alone(loaded, messages, params) for messages, params in requests]
     config = EngineConfig(max_num_seqs=8, max_num_batched_tokens=48, enable_prefix_caching=prefix_caching)
     assert _run_all(Engine(loaded, config), requests) == alone
+
+
+def test_decode_graph_steps_equal_eager_ones(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The static-buffer step that CUDA graphs record (run eagerly here, on the CPU): same greedy tokens, over
+    contiguous slots and context buckets; the other steps stay eager."""
+    requests = [(_messages(i), SamplingParams(temperature=0, max_tokens=6 + 3 * i)) for i in range(6)]
+    alone = [_alone(loaded, messages, params) for messages, params in requests]
+    engine = Engine(loaded, EngineConfig(max_num_seqs=6, max_num_batched_tokens=48))
+    assert engine.runner.graphs is None  # CUDA only
+    engine.runner.graphs = graphs = DecodeGraphs(loaded.model, engine.cache, record=False)
+    keys: list[int] = []
+    bucket = graphs.bucket
+    monkeypatch.setattr(graphs, "bucket", lambda context: keys.append(context) or bucket(context))
+    assert _run_all(engine, requests) == alone
+    assert len(keys) >= 10  # the decode-only steps took the graph path (20 of them here)
 
 
 def test_chunked_prefill_keeps_others_decoding(loaded: LoadedModel) -> None:
