@@ -84,6 +84,9 @@ def _global_flags(parser: argparse.ArgumentParser) -> None:
     )
     engine.add_argument("--seed", type=int, default=None, metavar="N", help="seed for requests that give none")
     engine.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    engine.add_argument(
+        "--no-cuda-graphs", action="store_true", help="on a GPU, run decode steps eagerly instead of as CUDA graphs"
+    )
     engine.add_argument("--log", default=None, metavar="FILE", help="also write the log to FILE")
     engine.add_argument(
         "--token-source",
@@ -188,6 +191,7 @@ def _load_engine(args: argparse.Namespace) -> Engine:
         max_model_len=args.max_seq_len,
         max_waiting=args.max_waiting,
         cache_slots=0 if single else 2 if interactive else 4,
+        cuda_graphs=not args.no_cuda_graphs,
     )
     return Engine(loaded, config)
 
