@@ -40,10 +40,9 @@ class ModelRunner:
         ids: list[int] = [seq.output_ids[-1] for seq in decodes]
         positions: list[int] = [seq.total_len - 1 for seq in decodes]
         slots: list[int] = [_slot(seq) for seq in decodes]
-        graphs = self.graphs is not None and self.graphs.enabled
-        if graphs and decodes and not plan.prefills and slots[-1] - slots[0] == len(slots) - 1:
-            assert self.graphs is not None
-            logits = self.graphs.logits(ids, positions, slots[0])
+        graphs = self.graphs if self.graphs is not None and self.graphs.enabled else None
+        if graphs is not None and decodes and not plan.prefills and slots[-1] - slots[0] == len(slots) - 1:
+            logits = graphs.logits(ids, positions, slots[0])
             return list(decodes), sample(logits, self._sampling_batch(list(decodes), logits.shape[-1]))
         image_rows: list[torch.Tensor] = []
         image_mask: list[bool] = [False] * len(ids)

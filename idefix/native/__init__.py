@@ -1,5 +1,5 @@
 """idefix's optional native kernels for AVX-512 CPUs (idefix/native/kernels.c): Q8_0 and 4-bit matrix-vector
-products for decode, RMSNorm, and the vision tower's attention.
+products for decode, RMSNorm, and the vision tower's attention and bias + GELU.
 
 setup.py builds them into _lib/ beside this file when it can; it is a plain shared library (no Python module),
 loaded with ctypes once PyTorch is imported, so that its OpenMP loops run on PyTorch's own thread pool. Absent,

@@ -1,5 +1,6 @@
 /* idefix's native kernels for x86-64 CPUs with AVX-512 (idefix.native loads them): decode's quantized
-   matrix-vector products, and RMSNorm, which PyTorch runs as several ops (~14 us a call at decode's sizes).
+   matrix-vector products, RMSNorm, which PyTorch runs as several ops (~14 us a call at decode's sizes), and two
+   pieces of the vision tower (attention over full tiles, fc1's bias with the tanh GELU; at the end of the file).
 
    The products:
 
@@ -48,6 +49,11 @@ int idefix_q8_0_supported(void) {
 
 int idefix_q4_supported(void) {
     return idefix_q8_0_supported() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+}
+
+/* The first `left` of 16 lanes (none when left <= 0). */
+static inline __mmask16 tail_mask(int64_t left) {
+    return left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
 }
 
 /* Per-block values [at, at + 16) (fewer where `mask` says), fp16 or fp32, as fp32. */
@@ -222,13 +228,13 @@ __attribute__((target("avx512f"))) void idefix_rms_norm(
         float *yr = y + r * n;
         __m512 squares = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; j += 16) {
-            const __mmask16 mask = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+            const __mmask16 mask = tail_mask(n - j);
             const __m512 v = _mm512_maskz_loadu_ps(mask, xr + j);
             squares = _mm512_fmadd_ps(v, v, squares);
         }
         const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)n + eps));
         for (int64_t j = 0; j < n; j += 16) {
-            const __mmask16 mask = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+            const __mmask16 mask = tail_mask(n - j);
             const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, xr + j), inv);
             _mm512_mask_storeu_ps(yr + j, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, w + j), v));
         }
@@ -266,8 +272,6 @@ __attribute__((target("avx512f"), always_inline)) static inline __m512 exp_ps(__
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(p, n);
 }
-
-static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1); }
 
 /* s[r][j] = qs[r] . k_j for the ATT_QUERIES rows of qs ([ATT_QUERIES][d], already scaled) and all keys [0, tp),
    and each row's maximum over the keys [0, t) into top[r]; kt: K by key block, [tp / ATT_KEYS][d][ATT_KEYS]. */
