@@ -114,7 +114,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) s
     for (int i = 0; i < rows; i++) acc[i] = offsets[i] = _mm512_setzero_ps();
     for (int64_t g = 0; g < blocks; g += GROUP) {
         const int in_group = blocks - g < GROUP ? (int)(blocks - g) : GROUP;
-        const __mmask16 mask = (__mmask16)((1u << in_group) - 1);
+        const __mmask16 mask = tail_mask(in_group);
         const int64_t ahead = (g + PREFETCH / 16) * (half ? 2 : 4);
         _mm_prefetch((const char *)d + ahead, _MM_HINT_T0);
         _mm_prefetch((const char *)m + ahead, _MM_HINT_T0);
