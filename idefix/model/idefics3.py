@@ -35,7 +35,8 @@ class Idefics3Model(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The compute dtype (the LM head's weight may be stored narrower: Bf16Linear)."""
+        return self.model.text_model.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:

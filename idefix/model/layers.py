@@ -33,6 +33,36 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ModelLoadError(f"activation {name!r} is not supported (supported: {sorted(ACTIVATIONS)})") from None
 
 
+class Bf16Linear(nn.Module):
+    """A Linear of an fp32 model on the CPU whose weight stays the checkpoint's bf16: every value is the one an fp32
+    copy would hold (bf16 widens to fp32 exactly), in half the memory and half the bytes a decode step reads. Up to
+    native.MAX_ROWS rows go through the native kernel (widening in registers, fp32 products and sums); more rows
+    (prefill) widen the weight for one fp32 matmul."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.to(torch.bfloat16).contiguous(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._native: native.Matmul | None = None  # bound on first use
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        self._native = None  # the weight may move: bind again
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if flat.shape[0] <= native.MAX_ROWS:
+            if self._native is None:
+                self._native = native.bind_bf16(self.weight)
+            out = self._native(flat if flat.is_contiguous() else flat.contiguous())
+        else:
+            out = F.linear(flat, self.weight.float())
+        if self.bias is not None:
+            out = out + self.bias
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()

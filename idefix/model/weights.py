@@ -17,10 +17,12 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm import tqdm
 
+from idefix import native
 from idefix.errors import ModelLoadError
 from idefix.model.config import Idefics3Config
 from idefix.model.idefics3 import Idefics3Model
-from idefix.quant.apply import IsqSpec, swap_in
+from idefix.model.layers import Bf16Linear
+from idefix.quant.apply import TEXT_LINEAR, IsqSpec, swap_in
 from idefix.quant.ggml import GGMLType, dequantize, quantize
 from idefix.quant.mistralrs_uqff import is_mistralrs_uqff, read_mistralrs_uqff
 from idefix.quant.uqff import SAFETENSORS_DTYPES, UqffWriter, config_digest, read_uqff
@@ -194,21 +196,38 @@ def load_model(
     target = resolve_dtype(dtype, device, stored_dtype)
     with torch.device("meta"):
         model = Idefics3Model(config)
+    kept_bf16: list[str] = []
     for weight in checkpoint_weights(model_dir, model, isq, uqff, progress):
         home = _home(weight.name, device, layer_devices)
         if weight.qtype is None:
-            _assign(model, weight.name, weight.data.to(device=home, dtype=target))
+            keep = target == torch.float32 and _keeps_bf16(weight, home)
+            _assign(model, weight.name, weight.data.to(device=home, dtype=torch.bfloat16 if keep else target))
+            if keep:
+                kept_bf16.append(weight.name)
             if writer:
                 writer.add_residual(weight.name, weight.data)
         else:
             swap_in(model, weight.name, weight.qtype, weight.data.to(home), target)
             if writer:
                 writer.add_quantized(weight.name, weight.qtype, weight.data, weight.shape)
+    for name in kept_bf16:  # once their biases are in too
+        linear = model.get_submodule(name.removesuffix(".weight"))
+        assert isinstance(linear, nn.Linear)
+        model.set_submodule(name.removesuffix(".weight"), Bf16Linear(linear.weight, linear.bias))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.text_model.embed_tokens.weight
     model.model.text_model.rotary.to(device)  # the only buffer not loaded from the checkpoint
     model.model.text_model.fuse_projections()
     return model.eval().requires_grad_(False)
+
+
+def _keeps_bf16(weight: Weight, home: torch.device) -> bool:
+    """A bf16 text-decoder Linear weight or LM head bound for an fp32 model on the CPU stays bf16 (Bf16Linear):
+    decode reads half the bytes for the same values. The vision tower keeps fp32 (its matmuls are compute-bound)."""
+    linear = TEXT_LINEAR.fullmatch(weight.name) is not None or weight.name == LM_HEAD
+    shape_ok = weight.data.dim() == 2 and weight.shape[-1] % 32 == 0
+    fits = weight.data.dtype == torch.bfloat16 and home.type == "cpu" and native.available()
+    return linear and shape_ok and fits
 
 
 def quantize_checkpoint(model_dir: Path, isq: IsqSpec, writer: UqffWriter, progress: bool = True) -> None:

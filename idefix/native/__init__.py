@@ -1,5 +1,5 @@
-"""idefix's optional native kernels for AVX-512 CPUs (idefix/native/kernels.c): Q8_0 and 4-bit matrix-vector
-products for decode, RMSNorm, and the vision tower's attention and bias + GELU.
+"""idefix's optional native kernels for AVX-512 CPUs (idefix/native/kernels.c): Q8_0, 4-bit and bf16-weight
+matrix-vector products for decode, RMSNorm, and the vision tower's attention and bias + GELU.
 
 setup.py builds them into _lib/ beside this file when it can; it is a plain shared library (no Python module),
 loaded with ctypes once PyTorch is imported, so that its OpenMP loops run on PyTorch's own thread pool. Absent,
@@ -39,7 +39,8 @@ def _load() -> ctypes.CDLL | None:
     lib.idefix_q8_0_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i32]
     lib.idefix_q4_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i32, i32]
     lib.idefix_rms_norm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr, i32]
-    for fn in (lib.idefix_q8_0_matmul, lib.idefix_q4_matmul, lib.idefix_rms_norm):
+    lib.idefix_bf16_matmul.argtypes = [ptr, i64, i64, ptr, i64, ptr, i32]
+    for fn in (lib.idefix_q8_0_matmul, lib.idefix_q4_matmul, lib.idefix_rms_norm, lib.idefix_bf16_matmul):
         fn.restype = None
     lib.idefix_attention.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, i32]
     lib.idefix_attention.restype = i32
@@ -98,6 +99,14 @@ def bind_q4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> Matmu
         raise ValueError(f"scale and offset must both be fp16 or fp32, not {scale.dtype} and {offset.dtype}")
     weights = (q.data_ptr(), scale.data_ptr(), offset.data_ptr())
     return _bind(_library().idefix_q4_matmul, q.shape[0], weights, (int(scale.dtype == torch.float16),))
+
+
+def bind_bf16(weight: torch.Tensor) -> Matmul:
+    """x fp32 [M, K] -> x @ W.T, fp32 [M, N], for a contiguous bf16 weight W [N, K] (K a multiple of 32), widened
+    exactly in registers. The weight must outlive the returned function and stay where it is."""
+    if weight.dtype != torch.bfloat16 or not weight.is_contiguous() or weight.shape[1] % 32:
+        raise ValueError("the weight must be contiguous bf16 with a multiple of 32 columns")
+    return _bind(_library().idefix_bf16_matmul, weight.shape[0], (weight.data_ptr(),))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -181,6 +181,34 @@ __attribute__((target("avx512f,avx512bw"))) void idefix_q8_0_matmul(
 #undef Q8_0_ROW
 }
 
+/* One bf16 weight row against `rows` rows of x (fp32): a bf16 value is the upper half of its fp32 one, so each
+   weight widens exactly with a shift and the products are fp32's. */
+__attribute__((target("avx512f,avx512bw"), always_inline)) static inline void bf16_row(
+    const float *x, int64_t k, const uint16_t *w, float *out, const int rows) {
+    __m512 acc[2 * MAX_ROWS];
+    for (int i = 0; i < 2 * rows; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < k; j += BLOCK) {
+        _mm_prefetch((const char *)(w + j) + PREFETCH, _MM_HINT_T0);
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + j)));
+        const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + j + 16)));
+        const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(lo, 16)), w1 = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
+        for (int i = 0; i < rows; i++) {
+            const float *xb = x + i * k + j;
+            acc[2 * i] = _mm512_fmadd_ps(_mm512_loadu_ps(xb), w0, acc[2 * i]);
+            acc[2 * i + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(xb + 16), w1, acc[2 * i + 1]);
+        }
+    }
+    for (int i = 0; i < rows; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[2 * i], acc[2 * i + 1]));
+}
+
+/* x [rows_x, k] fp32, w [n, k] bf16, y [rows_x, n] fp32, all contiguous; k a multiple of 32. */
+__attribute__((target("avx512f,avx512bw"))) void idefix_bf16_matmul(
+    const float *x, int64_t rows_x, int64_t k, const uint16_t *w, int64_t n, float *y, int threads) {
+#define BF16_ROW(r, rows, out, unused) bf16_row(x + first * k, k, w + (r) * k, out, rows)
+    FOR_ROWS_WITH(0, rows_x, n, threads, first, BF16_ROW)
+#undef BF16_ROW
+}
+
 /* x [rows_x, k] fp32, q [n, kp / 2], d and m [n, kp / 32] (fp16 if `half`, else fp32) with kp = k rounded up to
    64, y [rows_x, n]. */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void idefix_q4_matmul(

@@ -56,6 +56,6 @@ def swap_in(model: nn.Module, weight_name: str, qtype: GGMLType, data: torch.Ten
     linear = model.get_submodule(owner_name)
     if not isinstance(linear, nn.Linear):
         raise InvalidRequestError(f"{owner_name} is not a Linear layer")
-    quant = QuantLinear(linear.in_features, linear.out_features, qtype, data, linear.bias, dtype)
-    parent_name, _, child = owner_name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, quant)
+    model.set_submodule(
+        owner_name, QuantLinear(linear.in_features, linear.out_features, qtype, data, linear.bias, dtype)
+    )

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
+from idefix import native
 from idefix.model import siglip
 from idefix.model.attention import AttentionBatch
 from idefix.model.idefics3 import Idefics3Model
+from idefix.model.layers import Bf16Linear
 from idefix.model.weights import load_model
 from tests.checkpoints import Spec
 
@@ -89,3 +93,35 @@ def test_logits_and_greedy_tokens_match_reference(checkpoint: tuple[Spec, Path],
             assert (step_logits - ref.logits[step][0]).abs().max().item() <= TOL, f"step {step}"
             ours.append(int(step_logits.argmax()))
     assert ours == generated.tolist()
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernels are not built or no AVX-512")
+def test_bf16_checkpoint_in_fp32_keeps_bf16_linears_and_matches_reference(
+    small_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A bf16 checkpoint run in fp32 on the CPU keeps its text Linear weights in bf16 (the same values, half the
+    bytes): the logits still match transformers' fp32 model of the same files, prefill and decode."""
+    folder = tmp_path / "bf16"
+    shutil.copytree(small_checkpoint, folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({name: t.to(torch.bfloat16) for name, t in weights.items()}, folder / "model.safetensors")
+    reference = transformers.Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    inputs = _reference_inputs(folder, _images()[:1])
+    with torch.no_grad():
+        expected = reference(**inputs).logits[0]
+        model = load_model(folder, dtype="fp32", progress=False)
+        kept = [m for m in model.modules() if isinstance(m, Bf16Linear)]
+        assert len(kept) == 7 * model.config.text.num_hidden_layers + (not model.config.tie_word_embeddings)
+        assert (
+            model.dtype == torch.float32
+            and model.model.vision_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.float32
+        )
+        logits, cache = _our_prefill(model, inputs)  # prefill: more rows than the native kernel takes
+        assert (logits - expected).abs().max().item() <= TOL
+        prompt_len = inputs["input_ids"].shape[1]
+        token = logits[-1].argmax().view(1)
+        step = model.logits(model(model.embed(token), cache, AttentionBatch.single(0, prompt_len, 1)))[-1]
+        ids = torch.cat([inputs["input_ids"], token.view(1, 1)], dim=1)
+        mask = torch.ones_like(ids)
+        full = reference(**{**inputs, "input_ids": ids, "attention_mask": mask}).logits[0, -1]
+    assert (step - full).abs().max().item() <= TOL  # decode: the native bf16 kernel

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from idefix import native
-from idefix.model.layers import RMSNorm
+from idefix.model.layers import Bf16Linear, RMSNorm
 
 needs_native = pytest.mark.skipif(not native.available(), reason="the native kernels are not built or no AVX-512")
 
@@ -21,6 +21,20 @@ def test_native_rms_norm_is_torchs(rows: int, size: int) -> None:
     x = torch.randn(rows, size, generator=gen) * 3
     weight = torch.randn(size, generator=gen)
     torch.testing.assert_close(native.rms_norm(x, weight, 1e-5), F.rms_norm(x, (size,), weight, 1e-5))
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 4, 16, 40])  # 40: past the native kernel's rows, one widened matmul
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_linear_is_the_fp32_linear_of_its_weight(rows: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    weight = (torch.randn(80, 96, generator=gen) * 0.1).to(torch.bfloat16)
+    b = torch.randn(80, generator=gen) if bias else None
+    layer = Bf16Linear(weight, b)
+    x = torch.randn(rows, 96, generator=gen)
+    expected = F.linear(x, weight.float(), b)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)  # the order of additions only
+    torch.testing.assert_close(layer(x.view(1, rows, 96))[0], expected, rtol=1e-5, atol=1e-5)
 
 
 @needs_native
