@@ -39,12 +39,24 @@ class Bf16Linear(nn.Module):
     native.MAX_ROWS rows go through the native kernel (widening in registers, fp32 products and sums); more rows
     (prefill) widen the weight for one fp32 matmul."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, splits: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.to(torch.bfloat16).contiguous(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.splits = splits or (self.out_features,)  # out_features of each layer merged into this one (`concat`)
         self._native: native.Matmul | None = None  # bound on first use
+
+    @classmethod
+    def concat(cls, parts: list[nn.Module]) -> Bf16Linear | None:
+        """One layer whose output is the parts' outputs side by side (q, k, v; gate, up): one kernel call instead
+        of several at decode. None unless every part is a Bf16Linear of one input width, all with or without bias."""
+        kept = [p for p in parts if isinstance(p, Bf16Linear)]
+        if len(kept) != len(parts) or len({(p.in_features, p.bias is None) for p in kept}) != 1:
+            return None
+        biases: list[torch.Tensor] = [p.bias for p in kept if p.bias is not None]
+        bias = torch.cat(biases) if biases else None
+        return cls(torch.cat([p.weight for p in kept]), bias, tuple(n for p in kept for n in p.splits))
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         self._native = None  # the weight may move: bind again
@@ -79,6 +91,11 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
+def merged(parts: list[nn.Module]) -> QuantLinear | Bf16Linear | None:
+    """The parts (q, k, v; gate, up) as one layer when they are all quantized alike or all kept in bf16, else None."""
+    return QuantLinear.concat(parts) or Bf16Linear.concat(parts)
+
+
 class GatedMLP(nn.Module):
     """Llama MLP: down(act(gate(x)) * up(x))."""
 
@@ -88,10 +105,10 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
         self.act = activation(act)
-        self.gate_up_proj: QuantLinear | None = None  # gate and up in one layer once fused (see LlamaModel)
+        self.gate_up_proj: QuantLinear | Bf16Linear | None = None  # gate and up in one once fused (see LlamaModel)
 
     def fuse_projections(self) -> None:
-        fused = QuantLinear.concat([self.gate_proj, self.up_proj])
+        fused = merged([self.gate_proj, self.up_proj])
         if fused is not None:
             self.gate_up_proj = fused
             del self.gate_proj, self.up_proj

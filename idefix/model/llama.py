@@ -7,7 +7,7 @@ from torch import nn
 
 from idefix.model.attention import AttentionBatch, KVCache, write_and_attend
 from idefix.model.config import TextConfig
-from idefix.model.layers import GatedMLP, RMSNorm, Rotary, apply_rotary
+from idefix.model.layers import Bf16Linear, GatedMLP, RMSNorm, Rotary, apply_rotary, merged
 from idefix.quant.linear import QuantLinear
 
 
@@ -20,10 +20,10 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.kv_heads * dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.kv_heads * dim, bias=bias)
         self.o_proj = nn.Linear(self.heads * dim, hidden, bias=bias)
-        self.qkv_proj: QuantLinear | None = None  # q, k, v in one layer once `fuse_projections` could merge them
+        self.qkv_proj: QuantLinear | Bf16Linear | None = None  # q, k, v in one once `fuse_projections` merged them
 
     def fuse_projections(self) -> None:
-        fused = QuantLinear.concat([self.q_proj, self.k_proj, self.v_proj])
+        fused = merged([self.q_proj, self.k_proj, self.v_proj])
         if fused is not None:
             self.qkv_proj = fused
             del self.q_proj, self.k_proj, self.v_proj
@@ -87,9 +87,9 @@ class LlamaModel(nn.Module):
         return [layer.input_layernorm.weight.device for layer in self.decoder_layers()]
 
     def fuse_projections(self) -> None:
-        """Merge each layer's quantized q/k/v and gate/up projections into one layer each (QuantLinear.concat):
-        fewer, larger kernel calls per decode step. Unquantized layers stay apart (one GEMM call each is
-        already near the bound, and joining fp32 weights would copy them)."""
+        """Merge each layer's q/k/v and gate/up projections into one layer each when they are quantized
+        (QuantLinear.concat) or kept in bf16 (Bf16Linear.concat): fewer, larger kernel calls per decode step.
+        fp32 layers stay apart (one GEMM call each is already near the bound, and joining them would copy them)."""
         for layer in self.decoder_layers():
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()

@@ -38,6 +38,17 @@ def test_bf16_linear_is_the_fp32_linear_of_its_weight(rows: int, bias: bool) -> 
 
 
 @needs_native
+def test_merged_bf16_linears_give_their_parts_outputs_side_by_side() -> None:
+    gen = torch.Generator().manual_seed(0)
+    parts = [Bf16Linear(torch.randn(n, 64, generator=gen).bfloat16(), torch.randn(n, generator=gen)) for n in (48, 16)]
+    merged = Bf16Linear.concat(parts)  # type: ignore[arg-type]
+    assert merged is not None and merged.splits == (48, 16)
+    x = torch.randn(3, 64, generator=gen)
+    torch.testing.assert_close(merged(x), torch.cat([p(x) for p in parts], dim=-1))
+    assert Bf16Linear.concat([parts[0], torch.nn.Linear(64, 8)]) is None
+
+
+@needs_native
 def test_rms_norm_layer_on_contiguous_and_strided_input() -> None:
     norm = RMSNorm(64, 1e-6)
     with torch.no_grad():
