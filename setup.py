@@ -32,7 +32,9 @@ KERNELS = [
         # idefix's packages (pkgutil) mistakes it for one and tries to import it.
         "idefix.native._lib.kernels",
         sources=["idefix/native/kernels.c"],
-        extra_compile_args=["-O3", "-fopenmp"],
+        # -ffp-contract=off: a product and a sum stay two roundings unless a kernel writes out a fused multiply-add
+        # (GCC would otherwise fuse them behind the code's back, and the rounding the comments promise would not hold).
+        extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
         extra_link_args=["-fopenmp"],
     )
 ]
