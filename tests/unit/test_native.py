@@ -24,7 +24,7 @@ def test_native_rms_norm_is_torchs(rows: int, size: int) -> None:
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [1, 4, 16, 40])  # 40: past the native kernel's rows, one widened matmul
+@pytest.mark.parametrize("rows", [1, 5, 16, 64, 100])  # 100: past the native kernel's rows, one widened matmul
 @pytest.mark.parametrize("bias", [False, True])
 def test_bf16_linear_is_the_fp32_linear_of_its_weight(rows: int, bias: bool) -> None:
     gen = torch.Generator().manual_seed(rows)
