@@ -33,16 +33,10 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ModelLoadError(f"activation {name!r} is not supported (supported: {sorted(ACTIVATIONS)})") from None
 
 
-# Rows up to which Bf16Linear calls the native kernel (it reads the weight once per 8 rows): SmolVLM-256M decode at
-# 64 concurrent requests ran 367 tok/s widening the weights past 16 rows, 462 with the kernel up to 64; prefill
-# chunks (512 rows) are compute-bound and go to one fp32 matmul.
-BF16_NATIVE_ROWS = 64
-
-
 class Bf16Linear(nn.Module):
     """A Linear of an fp32 model on the CPU whose weight stays the checkpoint's bf16: every value is the one an fp32
     copy would hold (bf16 widens to fp32 exactly), in half the memory and half the bytes a decode step reads. Up to
-    BF16_NATIVE_ROWS rows go through the native kernel (widening in registers, fp32 products and sums); more rows
+    native.MAX_ROWS rows go through the native kernel (widening in registers, fp32 products and sums); more rows
     (prefill) widen the weight for one fp32 matmul."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, splits: tuple[int, ...] = ()) -> None:
@@ -70,7 +64,7 @@ class Bf16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if flat.shape[0] <= BF16_NATIVE_ROWS:
+        if flat.shape[0] <= native.MAX_ROWS:
             if self._native is None:
                 self._native = native.bind_bf16(self.weight)
             out = self._native(flat if flat.is_contiguous() else flat.contiguous())

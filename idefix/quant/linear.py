@@ -5,7 +5,7 @@ into whatever the fastest kernel on the device wants:
 
 | kernel    | GGML types           | how                                                                    |
 |-----------|----------------------|------------------------------------------------------------------------|
-| `q8_0`    | Q8_0, Q5_0, Q8_K,    | the native kernels (idefix/native/kernels.c, AVX-512), up to 16 rows:  |
+| `q8_0`    | Q8_0, Q5_0, Q8_K,    | the native kernels (idefix/native/kernels.c, AVX-512), up to 64 rows:  |
 |           | Q5_1, Q5_K (int8 x a | the blocks in registers; int8 types with fp32 activations (exact up to |
 |           | scale (+ offset))    | the order of additions), 4-bit with activations rounded to int8 per    |
 | `q4`      | Q4_0, Q4_1, Q4_K     | block (VNNI); more rows, a matmul on the exact fp32 weight             |
