@@ -1,5 +1,5 @@
 """idefix's optional native kernels for AVX-512 CPUs (idefix/native/kernels.c): Q8_0, 4-bit and bf16-weight
-matrix-vector products for decode, RMSNorm, and the vision tower's attention and bias + GELU.
+matrix-vector products and attention for decode, RMSNorm, and the vision tower's attention and bias + GELU.
 
 setup.py builds them into _lib/ beside this file when it can; it is a plain shared library (no Python module),
 loaded with ctypes once PyTorch is imported, so that its OpenMP loops run on PyTorch's own thread pool. Absent,
@@ -49,6 +49,8 @@ def _load() -> ctypes.CDLL | None:
     lib.idefix_attention.restype = i32
     lib.idefix_bias_gelu_tanh.argtypes = [ptr, i64, i64, ptr, i32]
     lib.idefix_bias_gelu_tanh.restype = None
+    lib.idefix_decode_attention.argtypes = [ptr, i64, ptr, ptr, *[i64] * 7, ctypes.c_float, ptr, i32]
+    lib.idefix_decode_attention.restype = i32
     return lib
 
 
@@ -135,6 +137,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     pointers = (x.data_ptr() for x in (q, k, v, out))
     if _library().idefix_attention(*pointers, batch, t, heads, d, stride, heads * d, scale, _threads()):
         raise MemoryError("the native attention kernel could not allocate its buffers")
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, first_slot: int, context: int
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v for one query row per slot of first_slot, first_slot + 1, ..., over each slot's
+    first `context` cached positions, grouped-query, fp32 on the CPU: q [B, H, D] (heads side by side, rows any
+    distance apart), pools [slots, Hkv, max_len, D] contiguous -> [B, H, D]."""
+    batch, heads, d = q.shape
+    slots, kv_heads, max_len, _ = k_pool.shape
+    if q.stride()[1:] != (d, 1) or not (k_pool.is_contiguous() and v_pool.is_contiguous()) or heads % kv_heads:
+        raise ValueError("q must be [B, H, D] with heads side by side and the pools contiguous [slots, Hkv, L, D]")
+    if first_slot + batch > slots or context > max_len:
+        raise ValueError(f"rows in slots {first_slot}..{first_slot + batch - 1} over {context} positions do not fit")
+    out = torch.empty(batch, heads, d, dtype=torch.float32)
+    shape = (first_slot, batch, heads, kv_heads, max_len, context, d)
+    pools = (k_pool.data_ptr(), v_pool.data_ptr())
+    if _library().idefix_decode_attention(
+        q.data_ptr(), q.stride(0), *pools, *shape, d**-0.5, out.data_ptr(), _threads()
+    ):
+        raise MemoryError("the native decode attention could not allocate its buffer")
     return out
 
 

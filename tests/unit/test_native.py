@@ -80,6 +80,27 @@ def test_native_attention_is_sdpa(batch: int, t: int, heads: int, d: int) -> Non
 
 
 @needs_native
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "context", "d"), [(1, 9, 3, 37, 64), (4, 8, 8, 200, 16), (2, 4, 1, 1, 24)]
+)
+def test_native_decode_attention_is_sdpa(batch: int, heads: int, kv_heads: int, context: int, d: int) -> None:
+    gen = torch.Generator().manual_seed(context * d)
+    pools = [torch.randn(batch + 2, kv_heads, 256, d, generator=gen) * 2 for _ in range(2)]
+    merged = torch.randn(batch, heads + 2 * kv_heads, d, generator=gen) * 2  # q: a slice of a merged q/k/v output
+    q = merged[:, :heads]
+
+    def sdpa(*tensors: torch.Tensor) -> torch.Tensor:
+        query, keys, values = tensors
+        return F.scaled_dot_product_attention(query[:, :, None], keys, values, enable_gqa=True)[:, :, 0].double()
+
+    keys, values = (pool[1 : 1 + batch, :, :context] for pool in pools)  # rows in slots 1..batch
+    exact = sdpa(q.double(), keys.double(), values.double())
+    torch_error = (sdpa(q, keys, values) - exact).abs().max().item()
+    error = (native.decode_attention(q, *pools, 1, context).double() - exact).abs().max().item()
+    assert error <= 2 * torch_error + 1e-6
+
+
+@needs_native
 def test_native_attention_rejects_other_layouts() -> None:
     q = torch.randn(1, 8, 2, 16)
     with pytest.raises(ValueError, match="heads side by side"):
