@@ -43,7 +43,7 @@ class ModelRunner:
         graphs = self.graphs if self.graphs is not None and self.graphs.enabled else None
         if graphs is not None and decodes and not plan.prefills and slots[-1] - slots[0] == len(slots) - 1:
             logits = graphs.logits(ids, positions, slots[0])
-            return list(decodes), sample(logits, self._sampling_batch(list(decodes), logits.shape[-1]))
+            return decodes, sample(logits, self._sampling_batch(decodes, logits.shape[-1]))
         image_rows: list[torch.Tensor] = []
         image_mask: list[bool] = [False] * len(ids)
         segments: list[Segment] = []

@@ -210,10 +210,10 @@ def load_model(
             swap_in(model, weight.name, weight.qtype, weight.data.to(home), target)
             if writer:
                 writer.add_quantized(weight.name, weight.qtype, weight.data, weight.shape)
-    for name in kept_bf16:  # once their biases are in too
-        linear = model.get_submodule(name.removesuffix(".weight"))
+    for owner in (name.removesuffix(".weight") for name in kept_bf16):  # once their biases are in too
+        linear = model.get_submodule(owner)
         assert isinstance(linear, nn.Linear)
-        model.set_submodule(name.removesuffix(".weight"), Bf16Linear(linear.weight, linear.bias))
+        model.set_submodule(owner, Bf16Linear(linear.weight, linear.bias))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.text_model.embed_tokens.weight
     model.model.text_model.rotary.to(device)  # the only buffer not loaded from the checkpoint

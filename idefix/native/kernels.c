@@ -335,21 +335,17 @@ __attribute__((target("avx512f"))) static void att_scores(const float *qs, const
     for (int r = 0; r < ATT_QUERIES; r++) top[r] = _mm512_reduce_max_ps(m[r]);
 }
 
-/* Rows of s [ATT_QUERIES][tp] over keys [0, t) -> e^(s - top[r]) in place; sums[r] their totals. */
-__attribute__((target("avx512f"))) static void att_softmax(float *s, int64_t tp, int64_t t, const float *tops,
-                                                           float *sums) {
-    for (int r = 0; r < ATT_QUERIES; r++) {
-        float *row = s + r * tp;
-        const __m512 top = _mm512_set1_ps(tops[r]);
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < t; j += 16) {
-            const __mmask16 mask = tail_mask(t - j);
-            const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + j), top));
-            _mm512_mask_storeu_ps(row + j, mask, e);
-            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
-        }
-        sums[r] = _mm512_reduce_add_ps(sum);
+/* row[j] = e^(row[j] - top) for j < t, in place; returns their sum (softmax's denominator). */
+__attribute__((target("avx512f"))) static float exp_row(float *row, int64_t t, float top) {
+    const __m512 shift = _mm512_set1_ps(top);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < t; j += 16) {
+        const __mmask16 mask = tail_mask(t - j);
+        const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + j), shift));
+        _mm512_mask_storeu_ps(row + j, mask, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
     }
+    return _mm512_reduce_add_ps(sum);
 }
 
 /* o[r] = sum_j p[r][j] v_j for the ATT_QUERIES rows of p [ATT_QUERIES][tp] and keys [0, t); vc: V's rows, dv =
@@ -414,7 +410,7 @@ __attribute__((target("avx512f"))) int idefix_attention(const float *q, const fl
             }
             float tops[ATT_QUERIES], sums[ATT_QUERIES];
             att_scores(qs, kt, d, tp, t, s, tops);
-            att_softmax(s, tp, t, tops, sums);
+            for (int r = 0; r < ATT_QUERIES; r++) sums[r] = exp_row(s + r * tp, t, tops[r]);
             switch (nv) {
             case 1: att_values(s, tp, vc, t, o, 1); break;
             case 2: att_values(s, tp, vc, t, o, 2); break;
@@ -492,15 +488,7 @@ __attribute__((target("avx512f"))) int idefix_decode_attention(
             scores[j] = _mm512_reduce_add_ps(dot) * scale;
         }
         for (int64_t j = 0; j < ctx; j += 16) top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, tail_mask(ctx - j), scores + j));
-        const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < ctx; j += 16) {
-            const __mmask16 m = tail_mask(ctx - j);
-            const __m512 p = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + j), shift)));
-            _mm512_mask_storeu_ps(scores + j, m, p);
-            sum = _mm512_add_ps(sum, p);
-        }
-        const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+        const float inv = 1.0f / exp_row(scores, ctx, _mm512_reduce_max_ps(top));
         float *o = out + (b * heads + h) * d;
         for (int64_t e = 0; e < d; e += 16) {
             const __mmask16 m = tail_mask(d - e);
