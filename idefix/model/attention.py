@@ -109,6 +109,12 @@ class AttentionBatch:
             tuple(s.to(device) for s in self.segments),
         )
 
+    def plain_decode(self) -> DecodeGroup | None:
+        """The decode group when the pass is decode rows alone that fill their slot range lo..hi at one context
+        length (the new tokens at context_len - 1; batch-1 decode is one), else None."""
+        d = self.decode
+        return d if d is not None and d.mask is None and d.count == d.hi - d.lo and not self.segments else None
+
     @classmethod
     def single(cls, slot: int, start: int, length: int, device: torch.device | str = "cpu") -> AttentionBatch:
         """One sequence in `slot`, writing positions start .. start+length-1 and seeing all before them."""
@@ -140,10 +146,9 @@ def write_and_attend(
     """Store new k, v [N, Hkv, D] in the pools, then attend q [N, H, D] over each token's context -> [N, H, D]."""
     k_pool, v_pool = pools
     gqa = q.shape[1] != k.shape[1]
-    d = at.decode
-    if d is not None and d.mask is None and d.count == d.hi - d.lo and not at.segments:
-        # Decode alone, each slot of lo..hi one row at position context_len - 1 (what a None mask means): plain
-        # slices instead of advanced indexing and one output with no copy (~20 us a layer at batch 1).
+    d = at.plain_decode()
+    if d is not None:
+        # Plain slices instead of advanced indexing and one output with no copy (~20 us a layer at batch 1).
         k_pool[d.lo : d.hi, :, d.context_len - 1] = k
         v_pool[d.lo : d.hi, :, d.context_len - 1] = v
         if q.device.type == "cpu" and q.dtype == k_pool.dtype == torch.float32 and native.available():
@@ -154,6 +159,7 @@ def write_and_attend(
     k_pool[at.slots, :, at.positions] = k
     v_pool[at.slots, :, at.positions] = v
     out = torch.empty_like(q)
+    d = at.decode
     if d is not None:
         keys, values = k_pool[d.lo : d.hi, :, : d.context_len], v_pool[d.lo : d.hi, :, : d.context_len]
         queries = q[: d.count, :, None]  # [count, H, 1, D]

@@ -58,6 +58,10 @@ class Bf16Linear(nn.Module):
         bias = torch.cat(biases) if biases else None
         return cls(torch.cat([p.weight for p in kept]), bias, tuple(n for p in kept for n in p.splits))
 
+    def native_spec(self) -> native.LinearSpec:
+        """The weight as the native kernels read it."""
+        return native.bf16_spec(self.weight)
+
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         self._native = None  # the weight may move: bind again
         return super()._apply(fn, recurse)
@@ -66,7 +70,7 @@ class Bf16Linear(nn.Module):
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if flat.shape[0] <= native.MAX_ROWS:
             if self._native is None:
-                self._native = native.bind_bf16(self.weight)
+                self._native = native.bind(self.native_spec())
             out = self._native(flat if flat.is_contiguous() else flat.contiguous())
         else:
             out = F.linear(flat, self.weight.float())

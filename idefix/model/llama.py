@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from idefix import native
 from idefix.model.attention import AttentionBatch, KVCache, write_and_attend
 from idefix.model.config import TextConfig
 from idefix.model.layers import Bf16Linear, GatedMLP, RMSNorm, Rotary, apply_rotary, merged
@@ -81,6 +82,8 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config)
+        self._stack: native.DecodeStack | None = None  # built on the first decode step that can use it
+        self._stack_checked = False
 
     def layer_devices(self) -> list[torch.device]:
         """Each decoder layer's device (they differ under a device map)."""
@@ -94,12 +97,48 @@ class LlamaModel(nn.Module):
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        self._stack, self._stack_checked = None, False  # the weights may move: look again
+        return super()._apply(fn, recurse)
+
+    def decode_stack(self) -> native.DecodeStack | None:
+        """The layers as one native call for decode steps (native.DecodeStack), when every layer can run there: on
+        the CPU, fp32 norms, q/k/v and gate/up merged, every product a native kind (bf16-kept or quantized Q8_0 /
+        4-bit) without bias, SiLU. Checked once (again after the model moves)."""
+        if not self._stack_checked:
+            self._stack_checked = True
+            self._stack = self._build_stack()
+        return self._stack
+
+    def _build_stack(self) -> native.DecodeStack | None:
+        layers = self.decoder_layers()
+        if not native.available() or len(layers) != len(self.layers) or self.config.hidden_act != "silu":
+            return None
+        specs = []
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            products = _native_specs([attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj])
+            if products is None or any(w.dtype != torch.float32 or w.device.type != "cpu" for w in norms):
+                return None
+            specs.append((*norms, products))
+        config = self.config
+        return native.DecodeStack(
+            specs, config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.rms_norm_eps
+        )
+
     def decoder_layers(self) -> list[LlamaDecoderLayer]:
         return [layer for layer in self.layers if isinstance(layer, LlamaDecoderLayer)]
 
     def forward(self, embeds: torch.Tensor, cache: KVCache, at: AttentionBatch) -> torch.Tensor:
         """embeds [N, hidden] (flat new tokens, see AttentionBatch) -> final hidden states [N, hidden]."""
         rope = self.rotary(at.positions, embeds.dtype)
+        d = at.plain_decode()
+        fp32_cpu = embeds.device.type == "cpu" and embeds.dtype == cache.k[0].dtype == torch.float32
+        if d is not None and fp32_cpu and d.count <= native.MAX_ROWS and (stack := self.decode_stack()) is not None:
+            x = embeds.contiguous().clone()  # the stack works in place
+            stack(x, rope[0][:, 0], rope[1][:, 0], (cache.k, cache.v), d.lo, d.context_len)
+            return self.norm(x)
         x = embeds
         for i, layer in enumerate(self.layers):
             device = cache.k[i].device
@@ -108,3 +147,17 @@ class LlamaModel(nn.Module):
                 rope = (rope[0].to(device), rope[1].to(device))
             x = layer(x, rope, (cache.k[i], cache.v[i]), at)
         return self.norm(x.to(self.norm.weight.device))
+
+
+def _native_specs(products: list[nn.Module | None]) -> tuple[native.LinearSpec, ...] | None:
+    """Each product's native spec, or None unless every one is a native kind (bf16-kept, Q8_0 or 4-bit) without
+    bias."""
+    specs = []
+    for product in products:
+        if not isinstance(product, Bf16Linear | QuantLinear) or product.bias is not None:
+            return None
+        spec = product.native_spec()
+        if spec is None:
+            return None
+        specs.append(spec)
+    return tuple(specs)

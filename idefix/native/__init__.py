@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -24,6 +24,36 @@ import torch.nn.functional as F
 # the weight once per 8 rows; at 64 rows (decode x64, SmolVLM-256M) they beat the matmul path: 374 -> 456 tok/s
 # with Q8_0, 299 -> 488 with Q4K, 367 -> 462 with bf16-kept weights, against a limit of 16 before.
 MAX_ROWS = 64
+
+
+class LinearSpec(ctypes.Structure):
+    """A weight as kernels.c's products read it (its `Linear`): what `bind` and the decode stack call with."""
+
+    _fields_ = [
+        ("kind", ctypes.c_int64),  # BF16, Q8_0 or Q4
+        ("q", ctypes.c_void_p),
+        ("d", ctypes.c_void_p),
+        ("m", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("half", ctypes.c_int64),
+    ]
+
+
+BF16, Q8_0, Q4 = 1, 2, 3  # kernels.c's LINEAR_* kinds
+
+
+class _DecodeLayer(ctypes.Structure):
+    _fields_ = [
+        ("input_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p),
+        ("qkv", LinearSpec),
+        ("o", LinearSpec),
+        ("gate_up", LinearSpec),
+        ("down", LinearSpec),
+        ("k_pool", ctypes.c_void_p),
+        ("v_pool", ctypes.c_void_p),
+    ]
 
 
 def _load() -> ctypes.CDLL | None:
@@ -39,18 +69,19 @@ def _load() -> ctypes.CDLL | None:
     if not lib.idefix_q8_0_supported():
         return None
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.idefix_q8_0_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i32]
-    lib.idefix_q4_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i32, i32]
+    lib.idefix_linear.argtypes = [ctypes.POINTER(LinearSpec), ptr, i64, ptr, i32]
+    lib.idefix_linear.restype = None
     lib.idefix_rms_norm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr, i32]
-    lib.idefix_bf16_matmul.argtypes = [ptr, i64, i64, ptr, i64, ptr, i32]
-    for fn in (lib.idefix_q8_0_matmul, lib.idefix_q4_matmul, lib.idefix_rms_norm, lib.idefix_bf16_matmul):
-        fn.restype = None
+    lib.idefix_rms_norm.restype = None
     lib.idefix_attention.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, i32]
     lib.idefix_attention.restype = i32
     lib.idefix_bias_gelu_tanh.argtypes = [ptr, i64, i64, ptr, i32]
     lib.idefix_bias_gelu_tanh.restype = None
     lib.idefix_decode_attention.argtypes = [ptr, i64, ptr, ptr, *[i64] * 7, ctypes.c_float, ptr, i32]
     lib.idefix_decode_attention.restype = i32
+    lib.idefix_decode_layers.argtypes = [ctypes.POINTER(_DecodeLayer), i64, ptr, *[i64] * 6, ptr, ptr, *[i64] * 3]
+    lib.idefix_decode_layers.argtypes += [ctypes.c_float, i32]
+    lib.idefix_decode_layers.restype = i32
     return lib
 
 
@@ -77,41 +108,102 @@ def _library() -> ctypes.CDLL:
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _bind(fn: Callable[..., None], n: int, weights: tuple[int | None, ...], flags: tuple[int, ...] = ()) -> Matmul:
-    """x -> fn(x, rows, k, *weights, n, y, threads, *flags) into a new fp32 y [rows, n]."""
+def bind(spec: LinearSpec) -> Matmul:
+    """x fp32 [M, K] (contiguous) -> x @ W.T, fp32 [M, N], for a weight described by one of the `*_spec` functions."""
+    linear, pointer, n = _library().idefix_linear, ctypes.byref(spec), spec.n
 
     def matmul(x: torch.Tensor) -> torch.Tensor:
-        rows, k = x.shape
-        y = torch.empty(rows, n, dtype=torch.float32)
-        fn(x.data_ptr(), rows, k, *weights, n, y.data_ptr(), _threads(), *flags)
+        y = torch.empty(x.shape[0], n, dtype=torch.float32)
+        linear(pointer, x.data_ptr(), x.shape[0], y.data_ptr(), _threads())
         return y
 
+    matmul.spec = spec  # type: ignore[attr-defined]  # keeps the struct `pointer` points at alive
     return matmul
 
 
-def bind_q8_0(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None) -> Matmul:
-    """x fp32 [M, K] -> x @ W.T, fp32 [M, N], W = q * scale (+ offset) per 32-block: q int8 [N, K], scale and
-    offset fp32 [N, K / 32]; x contiguous. The weight tensors must outlive the returned function and stay put."""
-    weights = (q.data_ptr(), scale.data_ptr(), None if offset is None else offset.data_ptr())
-    return _bind(_library().idefix_q8_0_matmul, q.shape[0], weights)
+def q8_0_spec(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None) -> LinearSpec:
+    """W = q * scale (+ offset) per 32-block: q int8 [N, K], scale and offset fp32 [N, K / 32]. The tensors must
+    outlive the spec and stay where they are."""
+    m = None if offset is None else offset.data_ptr()
+    return LinearSpec(Q8_0, q.data_ptr(), scale.data_ptr(), m, q.shape[0], q.shape[1], 0)
 
 
-def bind_q4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> Matmul:
-    """x fp32 [M, K] -> x @ W.T, fp32 [M, N], W = nibbles * scale + offset per 32-block: q uint8 [N, Kp / 2] from
-    `pack_nibbles`, scale and offset [N, Kp / 32] from `pad_blocks` (both fp16 or both fp32; Kp: K rounded up
-    to 64); x contiguous. The weight tensors must outlive the returned function and stay where they are."""
+def q4_spec(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, k: int) -> LinearSpec:
+    """W = nibbles * scale + offset per 32-block, K = k columns: q uint8 [N, Kp / 2] from `pack_nibbles`, scale and
+    offset [N, Kp / 32] from `pad_blocks` (both fp16 or both fp32; Kp: K rounded up to 64). The tensors must
+    outlive the spec and stay where they are."""
     if scale.dtype != offset.dtype or scale.dtype not in (torch.float16, torch.float32):
         raise ValueError(f"scale and offset must both be fp16 or fp32, not {scale.dtype} and {offset.dtype}")
-    weights = (q.data_ptr(), scale.data_ptr(), offset.data_ptr())
-    return _bind(_library().idefix_q4_matmul, q.shape[0], weights, (int(scale.dtype == torch.float16),))
+    half = int(scale.dtype == torch.float16)
+    return LinearSpec(Q4, q.data_ptr(), scale.data_ptr(), offset.data_ptr(), q.shape[0], k, half)
 
 
-def bind_bf16(weight: torch.Tensor) -> Matmul:
-    """x fp32 [M, K] -> x @ W.T, fp32 [M, N], for a contiguous bf16 weight W [N, K] (K a multiple of 32), widened
-    exactly in registers. The weight must outlive the returned function and stay where it is."""
+def bf16_spec(weight: torch.Tensor) -> LinearSpec:
+    """A contiguous bf16 weight W [N, K] (K a multiple of 32), widened exactly in registers. It must outlive the
+    spec and stay where it is."""
     if weight.dtype != torch.bfloat16 or not weight.is_contiguous() or weight.shape[1] % 32:
         raise ValueError("the weight must be contiguous bf16 with a multiple of 32 columns")
-    return _bind(_library().idefix_bf16_matmul, weight.shape[0], (weight.data_ptr(),))
+    return LinearSpec(BF16, weight.data_ptr(), None, None, weight.shape[0], weight.shape[1], 0)
+
+
+class DecodeStack:
+    """A text decoder's layers for one decode step in one native call (kernels.c's idefix_decode_layers), for steps
+    whose rows fill a range of slots at one context length. Each layer: its two RMSNorm weights (fp32), the specs
+    of its merged q/k/v, o, merged gate/up and down products, in that order (no biases, SiLU); the tensors must
+    outlive the stack and stay where they are."""
+
+    def __init__(
+        self,
+        layers: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[LinearSpec]]],
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        eps: float,
+    ) -> None:
+        self._layers = (_DecodeLayer * len(layers))(
+            *(_DecodeLayer(a.data_ptr(), b.data_ptr(), *specs) for a, b, specs in layers)
+        )
+        _, _, (_, o, _, down) = layers[0]
+        self.hidden, self.intermediate = o.n, down.k
+        self.heads, self.kv_heads, self.head_dim, self.eps = heads, kv_heads, head_dim, eps
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        signed_sin: torch.Tensor,
+        pools: tuple[list[torch.Tensor], list[torch.Tensor]],
+        first_slot: int,
+        context: int,
+    ) -> None:
+        """x fp32 [rows, hidden] in place, row b the new token of slot first_slot + b at position context - 1;
+        cos, signed_sin [rows, head_dim] (Rotary's); pools: each layer's K and V, [slots, Hkv, max_len, D] fp32."""
+        rows = x.shape[0]
+        slots, _, max_len, _ = pools[0][0].shape
+        tables_ok = all(t.shape == (rows, self.head_dim) and t.is_contiguous() for t in (cos, signed_sin))
+        if x.shape[1] != self.hidden or not x.is_contiguous() or x.dtype != torch.float32 or not tables_ok:
+            raise ValueError("x must be contiguous fp32 [rows, hidden] and the rotary tables [rows, head_dim]")
+        if rows > MAX_ROWS or first_slot + rows > slots or context > max_len:
+            raise ValueError(f"{rows} rows from slot {first_slot} over {context} positions do not fit")
+        for layer, k, v in zip(self._layers, *pools, strict=True):
+            if not (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == torch.float32):
+                raise ValueError("the KV pools must be contiguous fp32")
+            layer.k_pool, layer.v_pool = k.data_ptr(), v.data_ptr()
+        shape = (rows, self.hidden, self.heads, self.kv_heads, self.head_dim, self.intermediate)
+        tables = (cos.data_ptr(), signed_sin.data_ptr())
+        if _library().idefix_decode_layers(
+            self._layers,
+            len(self._layers),
+            x.data_ptr(),
+            *shape,
+            *tables,
+            first_slot,
+            max_len,
+            context,
+            self.eps,
+            _threads(),
+        ):
+            raise MemoryError("the native decode stack could not allocate its buffers")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -501,3 +501,111 @@ __attribute__((target("avx512f"))) int idefix_decode_attention(
     }
     return failed ? -1 : 0;
 }
+
+/* ---------------------------------------------------------------------------------------------- decode stack
+
+   A weight as the product kernels above read it, so that one entry point serves them all and the decode stack
+   below can hold a layer's four products whatever their kind. */
+enum { LINEAR_BF16 = 1, LINEAR_Q8_0 = 2, LINEAR_Q4 = 3 };
+
+typedef struct {
+    int64_t kind;
+    const void *q;        /* bf16 w [n, k]; int8 q [n, k]; 4-bit q [n, kp / 2] */
+    const void *d, *m;    /* per-block scales and offsets (m may be NULL for int8); unused for bf16 */
+    int64_t n, k, half;   /* half: the 4-bit kind's d and m are fp16 */
+} Linear;
+
+/* y [rows, w->n] = x [rows, w->k] @ W^T. */
+void idefix_linear(const Linear *w, const float *x, int64_t rows, float *y, int threads) {
+    switch (w->kind) {
+    case LINEAR_BF16: idefix_bf16_matmul(x, rows, w->k, w->q, w->n, y, threads); break;
+    case LINEAR_Q8_0: idefix_q8_0_matmul(x, rows, w->k, w->q, w->d, w->m, w->n, y, threads); break;
+    default: idefix_q4_matmul(x, rows, w->k, w->q, w->d, w->m, w->n, y, threads, (int)w->half); break;
+    }
+}
+
+/* One Llama decoder layer as the decode stack runs it: RMSNorm weights, the merged q/k/v and gate/up products,
+   and the layer's K and V pools [slots, kv_heads, max_len, d]. */
+typedef struct {
+    const float *input_norm, *post_norm;
+    Linear qkv, o, gate_up, down;
+    float *k_pool, *v_pool;
+} DecodeLayer;
+
+/* Rows of (a, b) -> a + b, over n floats each, into a. */
+__attribute__((target("avx512f"))) static void add_into(float *a, const float *b, int64_t n) {
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = tail_mask(n - j);
+        _mm512_mask_storeu_ps(a + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a + j), _mm512_maskz_loadu_ps(m, b + j)));
+    }
+}
+
+/* x * cos + roll(x, d / 2) * signed_sin for one head of d floats in place: the Python path's rotary, rounding
+   for rounding (two products and a sum). */
+static void rotate_head(float *x, const float *cos, const float *ssin, int64_t d, float *tmp) {
+    for (int64_t e = 0; e < d; e++) {
+        const float a = x[e] * cos[e], b = x[(e + d / 2) % d] * ssin[e];
+        tmp[e] = a + b;
+    }
+    memcpy(x, tmp, d * sizeof(float));
+}
+
+/* act[r] = silu(gate[r]) * up[r], gate and up side by side in gu's rows [rows, 2 * inter]. */
+__attribute__((target("avx512f"))) static void silu_mul(const float *gu, int64_t rows, int64_t inter, float *act,
+                                                        int threads) {
+#pragma omp parallel for schedule(static) num_threads(rows >= 16 ? threads : 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gu + r * 2 * inter, *u = g + inter;
+        for (int64_t j = 0; j < inter; j += 16) {
+            const __mmask16 m = tail_mask(inter - j);
+            const __m512 x = _mm512_maskz_loadu_ps(m, g + j);
+            const __m512 s = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+            _mm512_mask_storeu_ps(act + r * inter + j, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, u + j)));
+        }
+    }
+}
+
+/* The decoder layers of one decode step in one call, for steps whose rows fill slots first_slot .. first_slot +
+   rows - 1 and share one context length ctx (the new token at position ctx - 1): per layer x += o(attend(rotary(
+   qkv(norm(x))))), then x += down(silu(gate) * up(norm(x))). Through Python that is ~25 calls a layer, and their
+   overhead (~7 ms a step for SmolVLM-256M's 30 layers) was as large as the weights' own streaming.
+   x: [rows, hidden] in place; cos, ssin: [rows, d] (Rotary's tables). Returns 0, or -1 when a buffer cannot be
+   allocated (x is then incomplete). */
+__attribute__((target("avx512f"))) int idefix_decode_layers(
+    const DecodeLayer *layers, int64_t n_layers, float *x, int64_t rows, int64_t hidden, int64_t heads,
+    int64_t kv_heads, int64_t d, int64_t inter, const float *cos, const float *ssin, int64_t first_slot,
+    int64_t max_len, int64_t ctx, float eps, int threads) {
+    const int64_t width = (heads + 2 * kv_heads) * d;
+    const size_t floats = rows * (hidden + width + heads * d + 2 * inter + inter + hidden) + d;
+    float *h = malloc(floats * sizeof(float));
+    if (!h) return -1;
+    float *qkv = h + rows * hidden, *att = qkv + rows * width, *gu = att + rows * heads * d, *act = gu + rows * 2 * inter;
+    float *y = act + rows * inter, *tmp = y + rows * hidden;
+    const float scale = (float)(1.0 / sqrt((double)d));
+    int failed = 0;
+    for (int64_t l = 0; l < n_layers && !failed; l++) {
+        const DecodeLayer *layer = layers + l;
+        idefix_rms_norm(x, rows, hidden, layer->input_norm, eps, h, threads);
+        idefix_linear(&layer->qkv, h, rows, qkv, threads);
+        for (int64_t r = 0; r < rows; r++) {
+            float *row = qkv + r * width;
+            for (int64_t j = 0; j < heads + kv_heads; j++) rotate_head(row + j * d, cos + r * d, ssin + r * d, d, tmp);
+            for (int64_t j = 0; j < kv_heads; j++) {
+                const int64_t at = (((first_slot + r) * kv_heads + j) * max_len + ctx - 1) * d;
+                memcpy(layer->k_pool + at, row + (heads + j) * d, d * sizeof(float));
+                memcpy(layer->v_pool + at, row + (heads + kv_heads + j) * d, d * sizeof(float));
+            }
+        }
+        failed = idefix_decode_attention(qkv, width, layer->k_pool, layer->v_pool, first_slot, rows, heads, kv_heads,
+                                         max_len, ctx, d, scale, att, threads);
+        idefix_linear(&layer->o, att, rows, y, threads);
+        add_into(x, y, rows * hidden);
+        idefix_rms_norm(x, rows, hidden, layer->post_norm, eps, h, threads);
+        idefix_linear(&layer->gate_up, h, rows, gu, threads);
+        silu_mul(gu, rows, inter, act, threads);
+        idefix_linear(&layer->down, act, rows, y, threads);
+        add_into(x, y, rows * hidden);
+    }
+    free(h);
+    return failed ? -1 : 0;
+}

@@ -142,12 +142,19 @@ class QuantLinear(nn.Module):
         self._native = None  # the buffers may move: bind again
         return super()._apply(fn, recurse)
 
+    def native_spec(self) -> native.LinearSpec | None:
+        """The weight as the native kernels read it, or None when another kernel serves this layer."""
+        if self.kernel == "q8_0":
+            return native.q8_0_spec(self.q8, self.q8_scale, self.q8_offset)
+        if self.kernel == "q4":
+            return native.q4_spec(self.q4, self.q4_scale, self.q4_offset, self.in_features)
+        return None
+
     def _native_matmul(self) -> native.Matmul:
         if self._native is None:
-            if self.kernel == "q8_0":
-                self._native = native.bind_q8_0(self.q8, self.q8_scale, self.q8_offset)
-            else:
-                self._native = native.bind_q4(self.q4, self.q4_scale, self.q4_offset)
+            spec = self.native_spec()
+            assert spec is not None, "only the q8_0 and q4 kernels are native"
+            self._native = native.bind(spec)
         return self._native
 
     @property

@@ -1,0 +1,91 @@
+"""The native decode stack (native.DecodeStack: every decoder layer of a decode step in one call) against the same
+layers run one by one in PyTorch: the hidden states it returns and the K/V it writes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from idefix import native
+from idefix.loading import load
+from idefix.model.attention import AttentionBatch, DecodeGroup, KVCache
+from idefix.model.idefics3 import Idefics3Model
+from tests.checkpoints import WIDE, build_checkpoint
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="the native kernels are not built for this CPU")
+
+PROMPT = 9  # tokens already cached in each slot before the decode step
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(WIDE, tmp_path_factory.mktemp("wide") / "model")
+
+
+@pytest.fixture(scope="module")
+def wide_bf16(wide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same checkpoint stored in bf16: run in fp32, its text products stay bf16 (Bf16Linear)."""
+    folder = tmp_path_factory.mktemp("wide-bf16") / "model"
+    shutil.copytree(wide, folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({name: t.to(torch.bfloat16) for name, t in weights.items()}, folder / "model.safetensors")
+    return folder
+
+
+def copy_cache(cache: KVCache) -> KVCache:
+    twin = KVCache(len(cache.k), cache.num_slots, 1, 1, 1, torch.float32)
+    twin.k, twin.v = [k.clone() for k in cache.k], [v.clone() for v in cache.v]
+    return twin
+
+
+def decode_both_ways(model: Idefics3Model, rows: int) -> tuple[torch.Tensor, torch.Tensor, KVCache, KVCache]:
+    """One decode step of `rows` sequences in slots 1 .. rows (each PROMPT tokens in), through the model (the stack)
+    and through its layers one by one on a copy of the cache: (stacked, layered, stacked cache, layered cache)."""
+    gen = torch.Generator().manual_seed(rows)
+    vocab = model.config.text.vocab_size
+    cache = model.new_cache(rows + 2, 32)
+    with torch.inference_mode():
+        for slot in range(1, rows + 1):
+            ids = torch.randint(0, vocab, (PROMPT,), generator=gen)
+            model(model.embed(ids), cache, AttentionBatch.single(slot, 0, PROMPT))
+        group = DecodeGroup(rows, 1, rows + 1, torch.arange(rows), PROMPT + 1, None)
+        at = AttentionBatch(torch.full((rows,), PROMPT), torch.arange(1, rows + 1), group, ())
+        embeds = model.embed(torch.randint(0, vocab, (rows,), generator=gen))
+        before = embeds.clone()
+        layered_cache = copy_cache(cache)
+        stacked = model(embeds, cache, at)
+        assert torch.equal(embeds, before), "the stack must not write into its input"
+        text = model.model.text_model
+        rope, x = text.rotary(at.positions, embeds.dtype), embeds
+        for i, layer in enumerate(text.layers):
+            x = layer(x, rope, (layered_cache.k[i], layered_cache.v[i]), at)
+        return stacked, text.norm(x), cache, layered_cache
+
+
+@pytest.mark.parametrize("rows", [1, 3, 9])
+@pytest.mark.parametrize("kind", ["bf16", "Q8_0", "Q4K"])
+def test_decode_stack_equals_the_layers_one_by_one(wide: Path, wide_bf16: Path, kind: str, rows: int) -> None:
+    if kind == "Q4K" and not native.q4_available():
+        pytest.skip("the 4-bit kernel needs AVX-512 VNNI")
+    loaded = load(str(wide_bf16), progress=False) if kind == "bf16" else load(str(wide), progress=False, isq=kind)
+    model = loaded.model
+    assert model.model.text_model.decode_stack() is not None
+    stacked, layered, cache, layered_cache = decode_both_ways(model, rows)
+    # The only difference is SiLU's exponential (the kernels' polynomial against PyTorch's): a few ulp.
+    assert (stacked - layered).abs().max() <= 1e-5 * layered.abs().max()
+    for ours, theirs in zip(cache.k + cache.v, layered_cache.k + layered_cache.v, strict=True):
+        assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+        written = ours[1 : rows + 1, :, PROMPT]
+        assert written.abs().sum() > 0 and not ours[1 : rows + 1, :, PROMPT + 1 :].any()
+        assert not ours[0].any() and not ours[rows + 1 :].any()  # other slots untouched
+
+
+@pytest.mark.parametrize("isq", [None, "Q6K"])
+def test_decode_stack_is_off_where_a_layer_has_no_native_kernel(wide: Path, isq: str | None) -> None:
+    """fp32 weights (PyTorch's GEMV) and types served by another kernel (Q6K: fp16) decode layer by layer."""
+    model = load(str(wide), progress=False, isq=isq).model
+    assert model.model.text_model.decode_stack() is None
