@@ -33,6 +33,7 @@
 
 #define BLOCK 32
 #define MAX_ROWS 8 /* 4 read the weights 4 times at decode x16: 8 took x16 from 319-365 to 378-413 tok/s (256M) */
+#define BF16_MAX_ROWS 16 /* rows of x per pass over a bf16 weight, in groups of 8 (see idefix_bf16_matmul) */
 /* Software prefetch distance in weight bytes. Decode's weights are many small matrices (0.3-2 MB), each read once
    per step from memory, and the hardware prefetchers ramp up too slowly on them: prefetching 4 KB ahead took
    SmolVLM-256M's Q8_0 shapes from 12-15 to 17-23 GB/s (2 threads, runs/ microbenchmark; 2-8 KB all did about as
@@ -185,11 +186,12 @@ __attribute__((target("avx512f,avx512bw"))) void idefix_q8_0_matmul(
 #undef Q8_0_ROW
 }
 
-/* One bf16 weight row against `rows` rows of x (fp32): a bf16 value is the upper half of its fp32 one, so each
-   weight widens exactly with a shift and the products are fp32's. */
+/* One bf16 weight row against up to 4 rows of x (fp32), two accumulators each (8 chains of multiply-adds in
+   flight): a bf16 value is the upper half of its fp32 one, so each weight widens exactly with a shift and the
+   products are fp32's. Few rows are bound by memory, and this reads the weight once. */
 __attribute__((target("avx512f,avx512bw"), always_inline)) static inline void bf16_row(
     const float *x, int64_t k, const uint16_t *w, float *out, const int rows) {
-    __m512 acc[2 * MAX_ROWS];
+    __m512 acc[2 * 4];
     for (int i = 0; i < 2 * rows; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t j = 0; j < k; j += BLOCK) {
         _mm_prefetch((const char *)(w + j) + PREFETCH, _MM_HINT_T0);
@@ -205,12 +207,76 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) static inline void bf
     for (int i = 0; i < rows; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[2 * i], acc[2 * i + 1]));
 }
 
-/* x [rows_x, k] fp32, w [n, k] bf16, y [rows_x, n] fp32, all contiguous; k a multiple of 32. */
+/* Two bf16 weight rows (w, w + k) against up to 8 rows of x: each load of x feeds two multiply-adds. With more
+   rows the products, not the weights' bytes, set the pace, and one x load per multiply-add held the one-row kernel
+   to ~150 GFLOP/s. out: [2][8]. */
+__attribute__((target("avx512f,avx512bw"), always_inline)) static inline void bf16_pair(
+    const float *x, int64_t k, const uint16_t *w, float *out, const int rows) {
+    __m512 a[8], b[8];
+    for (int i = 0; i < rows; i++) a[i] = b[i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < k; j += BLOCK) {
+        _mm_prefetch((const char *)(w + j) + PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + k + j) + PREFETCH, _MM_HINT_T0);
+        __m512 wv[4];
+        for (int h = 0; h < 4; h++) {
+            const uint16_t *src = w + (h / 2) * k + j + (h % 2) * 16;
+            wv[h] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)), 16));
+        }
+        for (int i = 0; i < rows; i++) {
+            const __m512 x0 = _mm512_loadu_ps(x + i * k + j), x1 = _mm512_loadu_ps(x + i * k + j + 16);
+            a[i] = _mm512_fmadd_ps(x1, wv[1], _mm512_fmadd_ps(x0, wv[0], a[i]));
+            b[i] = _mm512_fmadd_ps(x1, wv[3], _mm512_fmadd_ps(x0, wv[2], b[i]));
+        }
+    }
+    for (int i = 0; i < rows; i++) {
+        out[i] = _mm512_reduce_add_ps(a[i]);
+        out[8 + i] = _mm512_reduce_add_ps(b[i]);
+    }
+}
+
+/* x [rows_x, k] fp32, w [n, k] bf16, y [rows_x, n] fp32, all contiguous; k a multiple of 32. Up to 4 rows of x:
+   one pass, one weight row at a time. More: BF16_MAX_ROWS rows a pass, two weight rows at a time, each pair read
+   from memory for the first 8 rows and from L1 for the next. */
 __attribute__((target("avx512f,avx512bw"))) void idefix_bf16_matmul(
     const float *x, int64_t rows_x, int64_t k, const uint16_t *w, int64_t n, float *y, int threads) {
-#define BF16_ROW(r, rows, out, unused) bf16_row(x + first * k, k, w + (r) * k, out, rows)
-    FOR_ROWS_WITH(0, rows_x, n, threads, first, BF16_ROW)
-#undef BF16_ROW
+    if (rows_x <= 4 || n < 2) {
+        for (int64_t i0 = 0; i0 < rows_x; i0 += 4) {
+            const int rows = rows_x - i0 < 4 ? (int)(rows_x - i0) : 4;
+#pragma omp parallel for schedule(static) num_threads(threads)
+            for (int64_t r = 0; r < n; r++) {
+                float out[4];
+                switch (rows) {
+                case 1: bf16_row(x + i0 * k, k, w + r * k, out, 1); break;
+                case 2: bf16_row(x + i0 * k, k, w + r * k, out, 2); break;
+                case 3: bf16_row(x + i0 * k, k, w + r * k, out, 3); break;
+                default: bf16_row(x + i0 * k, k, w + r * k, out, 4); break;
+                }
+                for (int i = 0; i < rows; i++) y[(i0 + i) * n + r] = out[i];
+            }
+        }
+        return;
+    }
+    for (int64_t i0 = 0; i0 < rows_x; i0 += BF16_MAX_ROWS) {
+        const int64_t pass = rows_x - i0 < BF16_MAX_ROWS ? rows_x - i0 : BF16_MAX_ROWS;
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t p = 0; p < (n + 1) / 2; p++) {
+            const int64_t r = 2 * p < n - 1 ? 2 * p : n - 2; /* an odd n: the last pair overlaps the one before */
+            for (int64_t g = i0; g < i0 + pass; g += 8) {
+                const int rows = i0 + pass - g < 8 ? (int)(i0 + pass - g) : 8;
+                float out[16];
+                switch (rows) {
+#define BF16_CASE(c) case c: bf16_pair(x + g * k, k, w + r * k, out, c); break;
+                    BF16_CASE(1) BF16_CASE(2) BF16_CASE(3) BF16_CASE(4) BF16_CASE(5) BF16_CASE(6) BF16_CASE(7)
+                    default: bf16_pair(x + g * k, k, w + r * k, out, 8); break;
+#undef BF16_CASE
+                }
+                for (int i = 0; i < rows; i++) {
+                    y[(g + i) * n + r] = out[i];
+                    y[(g + i) * n + r + 1] = out[8 + i];
+                }
+            }
+        }
+    }
 }
 
 /* x [rows_x, k] fp32, q [n, kp / 2], d and m [n, kp / 32] (fp16 if `half`, else fp32) with kp = k rounded up to
@@ -470,7 +536,7 @@ __attribute__((target("avx512f"))) int idefix_decode_attention(
     int64_t heads, int64_t kv_heads, int64_t max_len, int64_t ctx, int64_t d, float scale, float *out, int threads) {
     const int64_t group = heads / kv_heads;
     int failed = 0;
-#pragma omp parallel for schedule(static) num_threads(batch * heads * ctx * d >= (1 << 20) ? threads : 1)
+#pragma omp parallel for schedule(static) num_threads(batch * heads * ctx * d >= (1 << 16) ? threads : 1)
     for (int64_t task = 0; task < batch * heads; task++) {
         const int64_t b = task / heads, h = task % heads;
         const float *qr = q + b * q_stride + h * d;
@@ -540,13 +606,12 @@ __attribute__((target("avx512f"))) static void add_into(float *a, const float *b
     }
 }
 
-/* x * cos + roll(x, d / 2) * signed_sin for one head of d floats in place: the Python path's rotary, rounding
-   for rounding (two products and a sum). */
+/* x * cos + roll(x, d / 2) * signed_sin for one head of d floats (d even) in place: the Python path's rotary,
+   rounding for rounding (two products and a sum). */
 static void rotate_head(float *x, const float *cos, const float *ssin, int64_t d, float *tmp) {
-    for (int64_t e = 0; e < d; e++) {
-        const float a = x[e] * cos[e], b = x[(e + d / 2) % d] * ssin[e];
-        tmp[e] = a + b;
-    }
+    const int64_t half = d / 2;
+    for (int64_t e = 0; e < half; e++) tmp[e] = x[e] * cos[e] + x[e + half] * ssin[e];
+    for (int64_t e = half; e < d; e++) tmp[e] = x[e] * cos[e] + x[e - half] * ssin[e];
     memcpy(x, tmp, d * sizeof(float));
 }
 

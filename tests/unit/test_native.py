@@ -24,12 +24,13 @@ def test_native_rms_norm_is_torchs(rows: int, size: int) -> None:
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [1, 5, 16, 64, 100])  # 100: past the native kernel's rows, one widened matmul
+@pytest.mark.parametrize("rows", [1, 4, 5, 11, 16, 21, 64, 100])  # 100: past the native kernel's rows, a matmul
 @pytest.mark.parametrize("bias", [False, True])
-def test_bf16_linear_is_the_fp32_linear_of_its_weight(rows: int, bias: bool) -> None:
+@pytest.mark.parametrize("out", [80, 81, 1])  # weight rows go in pairs past 4 rows of x: odd counts too
+def test_bf16_linear_is_the_fp32_linear_of_its_weight(rows: int, bias: bool, out: int) -> None:
     gen = torch.Generator().manual_seed(rows)
-    weight = (torch.randn(80, 96, generator=gen) * 0.1).to(torch.bfloat16)
-    b = torch.randn(80, generator=gen) if bias else None
+    weight = (torch.randn(out, 96, generator=gen) * 0.1).to(torch.bfloat16)
+    b = torch.randn(out, generator=gen) if bias else None
     layer = Bf16Linear(weight, b)
     x = torch.randn(rows, 96, generator=gen)
     expected = F.linear(x, weight.float(), b)
