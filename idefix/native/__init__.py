@@ -80,7 +80,7 @@ def _load() -> ctypes.CDLL | None:
     lib.idefix_decode_attention.argtypes = [ptr, i64, ptr, ptr, *[i64] * 7, ctypes.c_float, ptr, i32]
     lib.idefix_decode_attention.restype = i32
     lib.idefix_decode_layers.argtypes = [ctypes.POINTER(_DecodeLayer), i64, ptr, *[i64] * 6, ptr, ptr, *[i64] * 3]
-    lib.idefix_decode_layers.argtypes += [ctypes.c_float, i32]
+    lib.idefix_decode_layers.argtypes += [ctypes.c_float, ptr, i32]
     lib.idefix_decode_layers.restype = i32
     return lib
 
@@ -166,6 +166,9 @@ class DecodeStack:
         _, _, (_, o, _, down) = layers[0]
         self.hidden, self.intermediate = o.n, down.k
         self.heads, self.kv_heads, self.head_dim, self.eps = heads, kv_heads, head_dim, eps
+        width = (heads + 2 * kv_heads) * head_dim
+        self._per_row = 2 * self.hidden + width + heads * head_dim + 3 * self.intermediate
+        self._scratch = torch.empty(0)  # kernels.c's buffers, grown to the most rows seen and kept
 
     def __call__(
         self,
@@ -189,21 +192,16 @@ class DecodeStack:
             if not (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == torch.float32):
                 raise ValueError("the KV pools must be contiguous fp32")
             layer.k_pool, layer.v_pool = k.data_ptr(), v.data_ptr()
+        if self._scratch.numel() < rows * self._per_row + self.head_dim:
+            self._scratch = torch.empty(rows * self._per_row + self.head_dim)
         shape = (rows, self.hidden, self.heads, self.kv_heads, self.head_dim, self.intermediate)
-        tables = (cos.data_ptr(), signed_sin.data_ptr())
-        if _library().idefix_decode_layers(
-            self._layers,
-            len(self._layers),
-            x.data_ptr(),
-            *shape,
-            *tables,
-            first_slot,
-            max_len,
-            context,
-            self.eps,
-            _threads(),
+        where = (first_slot, max_len, context)
+        tables, out = (cos.data_ptr(), signed_sin.data_ptr()), x.data_ptr()
+        lib, scratch = _library(), self._scratch.data_ptr()
+        if lib.idefix_decode_layers(
+            self._layers, len(self._layers), out, *shape, *tables, *where, self.eps, scratch, _threads()
         ):
-            raise MemoryError("the native decode stack could not allocate its buffers")
+            raise MemoryError("the native decode attention could not allocate its buffer")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
