@@ -1,13 +1,14 @@
 """idefix's optional native kernels for AVX-512 CPUs (idefix/native/kernels.c): Q8_0, 4-bit and bf16-weight
-matrix-vector products and attention for decode, RMSNorm, and the vision tower's attention and bias + GELU.
+matrix-vector products and attention for decode, a whole decode step's decoder layers in one call (DecodeStack),
+RMSNorm, and the vision tower's attention and bias + GELU.
 
 setup.py builds them into _lib/ beside this file when it can; it is a plain shared library (no Python module),
 loaded with ctypes once PyTorch is imported, so that its OpenMP loops run on PyTorch's own thread pool. Absent,
 unloadable or on a CPU without AVX-512 (VNNI too for the 4-bit kernel), `available()` / `q4_available()` are
 False and PyTorch's kernels serve.
 
-A ctypes call costs a few microseconds, which decode pays ~150 times a step, so the callers prepare one: `bind`
-fixes a kernel's weight arguments once and the call passes only x, y and the thread count.
+A ctypes call costs a few microseconds, so the callers prepare one: a weight is described once (`LinearSpec`), `bind`
+fixes it for a layer's calls, and DecodeStack runs every layer of a decode step in a single call.
 """
 
 from __future__ import annotations

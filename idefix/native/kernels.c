@@ -1,6 +1,7 @@
-/* idefix's native kernels for x86-64 CPUs with AVX-512 (idefix.native loads them): decode's quantized
-   matrix-vector products, RMSNorm, which PyTorch runs as several ops (~14 us a call at decode's sizes), and two
-   pieces of the vision tower (attention over full tiles, fc1's bias with the tanh GELU; at the end of the file).
+/* idefix's native kernels for x86-64 CPUs with AVX-512 (idefix.native loads them): decode's quantized and
+   bf16-weight matrix-vector products, RMSNorm, which PyTorch runs as several ops (~14 us a call at decode's sizes),
+   two pieces of the vision tower (attention over full tiles, fc1's bias with the tanh GELU), decode attention, and
+   the decode stack that runs every decoder layer of a step in one call (the last three at the end of the file).
 
    The products:
 
