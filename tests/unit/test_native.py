@@ -82,11 +82,13 @@ def test_native_attention_is_sdpa(batch: int, t: int, heads: int, d: int) -> Non
 
 @needs_native
 @pytest.mark.parametrize(
-    ("batch", "heads", "kv_heads", "context", "d"), [(1, 9, 3, 37, 64), (4, 8, 8, 200, 16), (2, 4, 1, 1, 24)]
+    ("batch", "heads", "kv_heads", "context", "d"),
+    [(1, 9, 3, 37, 64), (4, 8, 8, 200, 16), (2, 4, 1, 1, 24), (1, 9, 3, 1200, 64), (3, 6, 2, 16, 72)]
+    + [(1, 2, 1, 33, 96)],
 )
 def test_native_decode_attention_is_sdpa(batch: int, heads: int, kv_heads: int, context: int, d: int) -> None:
     gen = torch.Generator().manual_seed(context * d)
-    pools = [torch.randn(batch + 2, kv_heads, 256, d, generator=gen) * 2 for _ in range(2)]
+    pools = [torch.randn(batch + 2, kv_heads, max(256, context), d, generator=gen) * 2 for _ in range(2)]
     merged = torch.randn(batch, heads + 2 * kv_heads, d, generator=gen) * 2  # q: a slice of a merged q/k/v output
     q = merged[:, :heads]
 
