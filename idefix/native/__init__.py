@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -52,8 +53,6 @@ class _DecodeLayer(ctypes.Structure):
         ("o", LinearSpec),
         ("gate_up", LinearSpec),
         ("down", LinearSpec),
-        ("k_pool", ctypes.c_void_p),
-        ("v_pool", ctypes.c_void_p),
     ]
 
 
@@ -80,7 +79,8 @@ def _load() -> ctypes.CDLL | None:
     lib.idefix_bias_gelu_tanh.restype = None
     lib.idefix_decode_attention.argtypes = [ptr, i64, ptr, ptr, *[i64] * 7, ctypes.c_float, ptr, i32]
     lib.idefix_decode_attention.restype = i32
-    lib.idefix_decode_layers.argtypes = [ctypes.POINTER(_DecodeLayer), i64, ptr, *[i64] * 6, ptr, ptr, *[i64] * 3]
+    lib.idefix_decode_layers.argtypes = [ctypes.POINTER(_DecodeLayer), ptr, ptr, i64, ptr, *[i64] * 6, ptr, ptr]
+    lib.idefix_decode_layers.argtypes += [i64] * 3
     lib.idefix_decode_layers.argtypes += [ctypes.c_float, ptr, i32]
     lib.idefix_decode_layers.restype = i32
     return lib
@@ -169,7 +169,7 @@ class DecodeStack:
         self.heads, self.kv_heads, self.head_dim, self.eps = heads, kv_heads, head_dim, eps
         width = (heads + 2 * kv_heads) * head_dim
         self._per_row = 2 * self.hidden + width + heads * head_dim + 3 * self.intermediate
-        self._scratch = torch.empty(0)  # kernels.c's buffers, grown to the most rows seen and kept
+        self._buffers = threading.local()  # kernels.c's scratch, one per thread (engines may share a model)
 
     def __call__(
         self,
@@ -189,18 +189,21 @@ class DecodeStack:
             raise ValueError("x must be contiguous fp32 [rows, hidden] and the rotary tables [rows, head_dim]")
         if rows > MAX_ROWS or first_slot + rows > slots or context > max_len:
             raise ValueError(f"{rows} rows from slot {first_slot} over {context} positions do not fit")
-        for layer, k, v in zip(self._layers, *pools, strict=True):
-            if not (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == torch.float32):
-                raise ValueError("the KV pools must be contiguous fp32")
-            layer.k_pool, layer.v_pool = k.data_ptr(), v.data_ptr()
-        if self._scratch.numel() < rows * self._per_row + self.head_dim:
-            self._scratch = torch.empty(rows * self._per_row + self.head_dim)
+        if len(pools[0]) != len(self._layers) or len(pools[1]) != len(self._layers):
+            raise ValueError(f"{len(self._layers)} layers need as many K and V pools")
+        for pool in (*pools[0], *pools[1]):
+            if not pool.is_contiguous() or pool.dtype != torch.float32 or pool.shape != pools[0][0].shape:
+                raise ValueError("the KV pools must be contiguous fp32 [slots, Hkv, max_len, D], all alike")
+        pointers = [(ctypes.c_void_p * len(p))(*(t.data_ptr() for t in p)) for p in pools]
+        scratch = getattr(self._buffers, "scratch", None)
+        if scratch is None or scratch.numel() < rows * self._per_row + self.head_dim:
+            scratch = self._buffers.scratch = torch.empty(rows * self._per_row + self.head_dim)  # grown, then kept
         shape = (rows, self.hidden, self.heads, self.kv_heads, self.head_dim, self.intermediate)
         where = (first_slot, max_len, context)
         tables, out = (cos.data_ptr(), signed_sin.data_ptr()), x.data_ptr()
-        lib, scratch = _library(), self._scratch.data_ptr()
+        lib, buffer = _library(), scratch.data_ptr()
         if lib.idefix_decode_layers(
-            self._layers, len(self._layers), out, *shape, *tables, *where, self.eps, scratch, _threads()
+            self._layers, *pointers, len(self._layers), out, *shape, *tables, *where, self.eps, buffer, _threads()
         ):
             raise MemoryError("the native decode attention could not allocate its buffer")
 

@@ -632,12 +632,11 @@ void idefix_linear(const Linear *w, const float *x, int64_t rows, float *y, int 
     }
 }
 
-/* One Llama decoder layer as the decode stack runs it: RMSNorm weights, the merged q/k/v and gate/up products,
-   and the layer's K and V pools [slots, kv_heads, max_len, d]. */
+/* One Llama decoder layer's weights as the decode stack runs them: RMSNorm weights, the merged q/k/v and gate/up
+   products. */
 typedef struct {
     const float *input_norm, *post_norm;
     Linear qkv, o, gate_up, down;
-    float *k_pool, *v_pool;
 } DecodeLayer;
 
 /* Rows of (a, b) -> a + b, over n floats each, into a. */
@@ -676,12 +675,13 @@ __attribute__((target("avx512f"))) static void silu_mul(const float *gu, int64_t
    rows - 1 and share one context length ctx (the new token at position ctx - 1): per layer x += o(attend(rotary(
    qkv(norm(x))))), then x += down(silu(gate) * up(norm(x))). Through Python that is ~25 calls a layer, and their
    overhead (~7 ms a step for SmolVLM-256M's 30 layers) was as large as the weights' own streaming.
-   x: [rows, hidden] in place; cos, ssin: [rows, d] (Rotary's tables); scratch: rows * (2 hidden + (heads + 2
+   k_pools, v_pools: each layer's K and V, [slots, kv_heads, max_len, d]; x: [rows, hidden] in place; cos, ssin:
+   [rows, d] (Rotary's tables); scratch: rows * (2 hidden + (heads + 2
    kv_heads) d + heads d + 3 inter) + d floats, the caller's, kept from call to call (a fresh buffer of that size
    each step came from the OS each time, when glibc had just trimmed the heap: 25 -> 37 ms a step at x16). Returns
    0, or -1 when the attention cannot allocate its buffer (x is then incomplete). */
 __attribute__((target("avx512f"))) int idefix_decode_layers(
-    const DecodeLayer *layers, int64_t n_layers, float *x, int64_t rows, int64_t hidden, int64_t heads,
+    const DecodeLayer *layers, float *const *k_pools, float *const *v_pools, int64_t n_layers, float *x, int64_t rows, int64_t hidden, int64_t heads,
     int64_t kv_heads, int64_t d, int64_t inter, const float *cos, const float *ssin, int64_t first_slot,
     int64_t max_len, int64_t ctx, float eps, float *scratch, int threads) {
     const int64_t width = (heads + 2 * kv_heads) * d;
@@ -699,11 +699,11 @@ __attribute__((target("avx512f"))) int idefix_decode_layers(
             for (int64_t j = 0; j < heads + kv_heads; j++) rotate_head(row + j * d, cos + r * d, ssin + r * d, d, tmp);
             for (int64_t j = 0; j < kv_heads; j++) {
                 const int64_t at = (((first_slot + r) * kv_heads + j) * max_len + ctx - 1) * d;
-                memcpy(layer->k_pool + at, row + (heads + j) * d, d * sizeof(float));
-                memcpy(layer->v_pool + at, row + (heads + kv_heads + j) * d, d * sizeof(float));
+                memcpy(k_pools[l] + at, row + (heads + j) * d, d * sizeof(float));
+                memcpy(v_pools[l] + at, row + (heads + kv_heads + j) * d, d * sizeof(float));
             }
         }
-        failed = idefix_decode_attention(qkv, width, layer->k_pool, layer->v_pool, first_slot, rows, heads, kv_heads,
+        failed = idefix_decode_attention(qkv, width, k_pools[l], v_pools[l], first_slot, rows, heads, kv_heads,
                                          max_len, ctx, d, scale, att, threads);
         idefix_linear(&layer->o, att, rows, y, threads);
         add_into(x, y, rows * hidden);

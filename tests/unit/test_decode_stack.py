@@ -4,6 +4,7 @@ layers run one by one in PyTorch: the hidden states it returns and the K/V it wr
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,22 @@ def test_decode_stack_is_off_where_a_layer_has_no_native_kernel(wide: Path, isq:
     """fp32 weights (PyTorch's GEMV) and types served by another kernel (Q6K: fp16) decode layer by layer."""
     model = load(str(wide), progress=False, isq=isq).model
     assert model.model.text_model.decode_stack() is None
+
+
+def test_decode_stack_is_safe_for_two_threads_on_one_model(wide_bf16: Path) -> None:
+    """Two engines may share a loaded model: decode steps on two caches at once give each what it gives alone."""
+    model = load(str(wide_bf16), progress=False).model
+    steps = [decode_both_ways(model, rows)[0] for rows in (1, 3)]  # alone: (seeded) the same inputs again below
+    results: dict[int, list[torch.Tensor]] = {1: [], 3: []}
+
+    def run(rows: int) -> None:
+        for _ in range(5):
+            results[rows].append(decode_both_ways(model, rows)[0])
+
+    threads = [threading.Thread(target=run, args=(rows,)) for rows in (1, 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for alone, together in zip(steps, (results[1], results[3]), strict=True):
+        assert len(together) == 5 and all(torch.equal(alone, out) for out in together)
