@@ -676,14 +676,14 @@ __attribute__((target("avx512f"))) static void silu_mul(const float *gu, int64_t
    qkv(norm(x))))), then x += down(silu(gate) * up(norm(x))). Through Python that is ~25 calls a layer, and their
    overhead (~7 ms a step for SmolVLM-256M's 30 layers) was as large as the weights' own streaming.
    k_pools, v_pools: each layer's K and V, [slots, kv_heads, max_len, d]; x: [rows, hidden] in place; cos, ssin:
-   [rows, d] (Rotary's tables); scratch: rows * (2 hidden + (heads + 2
-   kv_heads) d + heads d + 3 inter) + d floats, the caller's, kept from call to call (a fresh buffer of that size
-   each step came from the OS each time, when glibc had just trimmed the heap: 25 -> 37 ms a step at x16). Returns
-   0, or -1 when the attention cannot allocate its buffer (x is then incomplete). */
+   [rows, d] (Rotary's tables); scratch: rows * (2 hidden + (heads + 2 kv_heads) d + heads d + 3 inter) + d floats,
+   the caller's, kept from call to call (a fresh buffer of that size each step came from the OS each time, when
+   glibc had just trimmed the heap: 25 -> 37 ms a step at x16). Returns 0, or -1 when the attention cannot allocate
+   its buffer (x is then incomplete). */
 __attribute__((target("avx512f"))) int idefix_decode_layers(
-    const DecodeLayer *layers, float *const *k_pools, float *const *v_pools, int64_t n_layers, float *x, int64_t rows, int64_t hidden, int64_t heads,
-    int64_t kv_heads, int64_t d, int64_t inter, const float *cos, const float *ssin, int64_t first_slot,
-    int64_t max_len, int64_t ctx, float eps, float *scratch, int threads) {
+    const DecodeLayer *layers, float *const *k_pools, float *const *v_pools, int64_t n_layers, float *x,
+    int64_t rows, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t d, int64_t inter, const float *cos,
+    const float *ssin, int64_t first_slot, int64_t max_len, int64_t ctx, float eps, float *scratch, int threads) {
     const int64_t width = (heads + 2 * kv_heads) * d;
     float *h = scratch;
     float *qkv = h + rows * hidden, *att = qkv + rows * width, *gu = att + rows * heads * d, *act = gu + rows * 2 * inter;
