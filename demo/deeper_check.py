@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import shutil
 import sys
@@ -104,13 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     while (progress := (time.time() - start) / 60 / args.minutes) < 1:
         batch = train.make_batch(processor, rng, 16, assistant, eos, 6)
         for group in optim.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * progress))
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+            group["lr"] = train.lr_at(progress, step, args.lr, 100)
+        losses.append(train.text_step(model, batch, params, optim))
         step += 1
         if step % 50 == 0:
             print(f"step {step} loss {sum(losses[-50:]) / 50:.4f} elapsed {time.time() - start:.0f}s", flush=True)

@@ -167,6 +167,16 @@ def make_batch(processor, rng: random.Random, size: int, assistant: list[int], e
     return {**batch, "labels": labels}
 
 
+def text_step(model: nn.Module, batch: dict, params: list[nn.Parameter], optim: torch.optim.Optimizer) -> float:
+    """One optimizer step on a conversation batch (gradients clipped to norm 1); returns the loss."""
+    loss = model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optim.step()
+    optim.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def lr_at(progress: float, step: int, peak: float, warmup: int) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to zero as `progress` goes from 0 to 1."""
     return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
@@ -225,12 +235,7 @@ def train(args: argparse.Namespace) -> None:
         batch = make_batch(processor, rng, args.batch, assistant, eos, args.turns)
         for group in optim.param_groups:
             group["lr"] = lr_at(progress, step, args.lr, args.warmup)
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(text_step(model, batch, params, optim))
         step += 1
         if step % args.log_every == 0:
             recent = sum(losses[-args.log_every :]) / args.log_every
