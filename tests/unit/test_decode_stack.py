@@ -6,15 +6,20 @@ from __future__ import annotations
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from idefix import native
+from idefix.config import EngineConfig
+from idefix.engine.engine import Engine
+from idefix.generate import generate
 from idefix.loading import load
 from idefix.model.attention import AttentionBatch, DecodeGroup, KVCache
 from idefix.model.idefics3 import Idefics3Model
+from idefix.sampling import SamplingParams
 from tests.checkpoints import WIDE, build_checkpoint
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="the native kernels are not built for this CPU")
@@ -109,3 +114,38 @@ def test_decode_stack_is_safe_for_two_threads_on_one_model(wide_bf16: Path) -> N
         thread.join()
     for alone, together in zip(steps, (results[1], results[3]), strict=True):
         assert len(together) == 5 and all(torch.equal(alone, out) for out in together)
+
+
+def test_engine_greedy_tokens_are_the_same_with_and_without_the_stack(
+    wide_bf16: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the engine (alone, and four requests batched into decode steps over contiguous slots), the stack
+    gives the greedy tokens of the layer-by-layer path."""
+    loaded = load(str(wide_bf16), progress=False)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Describe the picture in one sentence."}]}]
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True) for _ in range(4)]
+
+    def run() -> list[list[int]]:
+        alone = generate(Engine(loaded, EngineConfig(max_num_seqs=1, cache_slots=0)), messages, params[0])
+        engine = Engine(loaded, EngineConfig(max_num_seqs=4, cache_slots=0))
+        ids = [engine.add(engine.text_prompt(list(range(5 + i, 25 + i))), p) for i, p in enumerate(params)]
+        tokens: dict[str, list[int]] = {i: [] for i in ids}
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens[out.request_id] += out.token_ids  # the step's new tokens
+        assert all(len(t) == 12 for t in tokens.values())
+        return [alone.token_ids, *(tokens[i] for i in ids)]
+
+    stack_calls = 0
+    original = native.DecodeStack.__call__
+
+    def counted(self: native.DecodeStack, *args: Any) -> None:
+        nonlocal stack_calls
+        stack_calls += 1
+        original(self, *args)
+
+    monkeypatch.setattr(native.DecodeStack, "__call__", counted)
+    with_stack = run()
+    assert stack_calls >= 11 + 11  # every decode step of the one alone and of the batch
+    monkeypatch.setattr(type(loaded.model.model.text_model), "decode_stack", lambda self: None)
+    assert run() == with_stack
