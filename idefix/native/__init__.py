@@ -79,9 +79,8 @@ def _load() -> ctypes.CDLL | None:
     lib.idefix_bias_gelu_tanh.restype = None
     lib.idefix_decode_attention.argtypes = [ptr, i64, ptr, ptr, *[i64] * 7, ctypes.c_float, ptr, i32]
     lib.idefix_decode_attention.restype = i32
-    lib.idefix_decode_layers.argtypes = [ctypes.POINTER(_DecodeLayer), ptr, ptr, i64, ptr, *[i64] * 6, ptr, ptr]
-    lib.idefix_decode_layers.argtypes += [i64] * 3
-    lib.idefix_decode_layers.argtypes += [ctypes.c_float, ptr, i32]
+    layers, pools, shape, tables, where = ctypes.POINTER(_DecodeLayer), [ptr, ptr], [i64] * 6, [ptr, ptr], [i64] * 3
+    lib.idefix_decode_layers.argtypes = [layers, *pools, i64, ptr, *shape, *tables, *where, ctypes.c_float, ptr, i32]
     lib.idefix_decode_layers.restype = i32
     return lib
 
@@ -111,14 +110,13 @@ Matmul = Callable[[torch.Tensor], torch.Tensor]
 
 def bind(spec: LinearSpec) -> Matmul:
     """x fp32 [M, K] (contiguous) -> x @ W.T, fp32 [M, N], for a weight described by one of the `*_spec` functions."""
-    linear, pointer, n = _library().idefix_linear, ctypes.byref(spec), spec.n
+    linear, n = _library().idefix_linear, spec.n
 
     def matmul(x: torch.Tensor) -> torch.Tensor:
         y = torch.empty(x.shape[0], n, dtype=torch.float32)
-        linear(pointer, x.data_ptr(), x.shape[0], y.data_ptr(), _threads())
+        linear(ctypes.byref(spec), x.data_ptr(), x.shape[0], y.data_ptr(), _threads())
         return y
 
-    matmul.spec = spec  # type: ignore[attr-defined]  # keeps the struct `pointer` points at alive
     return matmul
 
 
