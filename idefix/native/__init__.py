@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 # Beyond this many rows a matmul on the widened / dequantized weight is faster (compute-bound). The quantized kernels
-# read the weight once per 8 rows, the bf16 one once per 16; at 64 rows (decode x64, SmolVLM-256M) they beat the matmul path: 374 -> 456 tok/s
-# with Q8_0, 299 -> 488 with Q4K, 367 -> 462 with bf16-kept weights, against a limit of 16 before.
+# read the weight once per 8 rows, the bf16 one once per 16; at 64 rows (decode x64, SmolVLM-256M) they beat the
+# matmul path: 374 -> 456 tok/s with Q8_0, 299 -> 488 with Q4K, 367 -> 462 with bf16-kept weights, against a limit
+# of 16 before.
 MAX_ROWS = 64
 
 
