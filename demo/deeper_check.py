@@ -12,7 +12,8 @@ share the colour or the shape.
 Measured (session 8): the shipped 3-layer model plus 2 layers, 60 minutes, --hard 0.4 (6,488 steps): held-out
 single-image 89.5% -> 94.0%, position 70.8 -> 84.7%, presence 77.8 -> 84.7%, multi-turn 72.7 -> 86.7%. The same
 training for 14 minutes at 3 layers had given 90.3-91.1%. The shipped recipe (115 minutes from scratch) has no
-time left for a second stage, so using this means a 5-layer text model (or growing one) inside those 115 minutes.
+time left for a second stage, and a 5-layer text model from the start failed there (session 9: single-image 77.8%),
+so using this means growing the model inside those 115 minutes: train.py's `--grow-at`.
 """
 
 from __future__ import annotations
@@ -27,45 +28,12 @@ from pathlib import Path
 
 import torch
 from transformers import AutoProcessor, Idefics3ForConditionalGeneration
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import build  # noqa: E402
 import train  # noqa: E402
 
-from idefix.demo import scenes  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def hard_turn(rng: random.Random, scene: scenes.Scene) -> tuple[str, str] | None:
-    """A binding question about `scene`, or None when the scene has no such case."""
-    present = {(o.colour, o.shape) for o in scene.objects}
-    o = rng.choice(scene.objects)
-    if rng.random() < 0.6:
-        drawn = sorted({p.colour for p in scene.objects if (p.colour, o.shape) not in present})
-        pool = drawn if drawn and rng.random() < 0.5 else [c for c in scenes.COLOURS if (c, o.shape) not in present]
-        if not pool:
-            return f"Is there a {o.colour} {o.shape}?", "yes"
-        return f"Is there a {rng.choice(pool)} {o.shape}?", "no"
-    if sum((p.colour, p.shape) == (o.colour, o.shape) for p in scene.objects) == 1:
-        return f"Where is the {o.colour} {o.shape}?", scenes.position_name(o)
-    return None
-
-
-def deepen(model: Idefics3ForConditionalGeneration, layers: int) -> None:
-    """Append `layers` decoder layers that start as the identity (zero output projections)."""
-    text = model.model.text_model
-    first = len(text.layers)
-    for i in range(layers):
-        layer = LlamaDecoderLayer(text.config, first + i)
-        for param in layer.parameters():
-            if param.ndim == 2:
-                torch.nn.init.normal_(param, std=0.02)
-        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
-        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
-        text.layers.append(layer)
-    text.config.num_hidden_layers = model.config.text_config.num_hidden_layers = first + layers
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,18 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
-    plain_turn = scenes.extra_turn
-
-    def extra_turn(rng: random.Random, scene: scenes.Scene) -> tuple[str, str]:
-        turn = hard_turn(rng, scene) if rng.random() < args.hard else None
-        return turn or plain_turn(rng, scene)
-
-    scenes.extra_turn = extra_turn  # what train.make_batch asks for its extra questions
     out = Path(args.out)
     shutil.copytree(args.model, out, dirs_exist_ok=True)
     processor = AutoProcessor.from_pretrained(out)
     model = Idefics3ForConditionalGeneration.from_pretrained(out)
-    deepen(model, args.layers)
+    train.deepen(model, args.layers)
     model.model.vision_model.requires_grad_(False)
     model.model.connector.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -101,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     model.train()
     rng, start, step, losses = random.Random(11), time.time(), 0, []
     while (progress := (time.time() - start) / 60 / args.minutes) < 1:
-        batch = train.make_batch(processor, rng, 16, assistant, eos, 6)
+        batch = train.make_batch(processor, rng, 16, assistant, eos, 6, args.hard)
         for group in optim.param_groups:
             group["lr"] = train.lr_at(progress, step, args.lr, 100)
         losses.append(train.text_step(model, batch, params, optim))
@@ -109,9 +70,6 @@ def main(argv: list[str] | None = None) -> None:
         if step % 50 == 0:
             print(f"step {step} loss {sum(losses[-50:]) / 50:.4f} elapsed {time.time() - start:.0f}s", flush=True)
     train.save_weights(model, out)
-    config = json.loads((out / "config.json").read_text())
-    config["text_config"]["num_hidden_layers"] = model.config.text_config.num_hidden_layers
-    (out / "config.json").write_text(json.dumps(config, indent=2))
     print(json.dumps({"steps": step, "layers": model.config.text_config.num_hidden_layers}), flush=True)
 
 

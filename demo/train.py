@@ -9,6 +9,11 @@ in two stages: the vision tower and connector alone on global tiles against demo
 (`--vision-steps`, `--vision-lr`), then, with them frozen, the text model on conversations from
 `idefix.demo.scenes`, encoded by the saved processor exactly as at inference time, with the loss on the
 assistant answers and their `<end_of_utterance>` only (`--lr`, `--turns`).
+
+Two experiments for the binding questions (colour and shape together; see idefix/demo/model/README.md), off by
+default: `--hard` makes that share of the extra questions binding ones from progress `--hard-at` on, and
+`--grow-at` appends `--grow-layers` identity-initialized decoder layers to the text model part-way through
+stage 2, e.g. `--grow-at 0.5 --hard 0.4 --hard-at 0.5`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoProcessor, Idefics3Config, Idefics3ForConditionalGeneration
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 # Runs from a checkout without installing: the repo root for `idefix`, this folder for `build`.
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
@@ -63,14 +69,37 @@ def answer_mask(input_ids: torch.Tensor, assistant: list[int], eos: int) -> torc
     return mask
 
 
-def training_example(rng: random.Random, kinds: list[str], turns: int) -> scenes.Example:
+def hard_turn(rng: random.Random, scene: scenes.Scene) -> tuple[str, str] | None:
+    """A question that needs a colour bound to a shape, or None when `scene` has no such case: a "no" for a
+    colour-shape pair whose shape is drawn in another colour (mostly a colour that is in the scene), or the
+    position of an object named by colour and shape. Random questions rarely ask these, and a 3-layer text
+    model answered presence from the shape alone (demo/binding_check.py)."""
+    present = {(o.colour, o.shape) for o in scene.objects}
+    o = rng.choice(scene.objects)
+    if rng.random() < 0.6:
+        drawn = sorted({p.colour for p in scene.objects if (p.colour, o.shape) not in present})
+        pool = drawn if drawn and rng.random() < 0.5 else [c for c in scenes.COLOURS if (c, o.shape) not in present]
+        if not pool:
+            return f"Is there a {o.colour} {o.shape}?", "yes"
+        return f"Is there a {rng.choice(pool)} {o.shape}?", "no"
+    if sum((p.colour, p.shape) == (o.colour, o.shape) for p in scene.objects) == 1:
+        return f"Where is the {o.colour} {o.shape}?", scenes.position_name(o)
+    return None
+
+
+def training_example(rng: random.Random, kinds: list[str], turns: int, hard: float) -> scenes.Example:
     """An example of a random kind; the single-image ones get `turns` extra questions about the same image,
-    so that one image (80 tokens) feeds several answers (~14 tokens each)."""
+    so that one image (80 tokens) feeds several answers (~14 tokens each), a share `hard` of them binding
+    questions (`hard_turn`)."""
     kind = rng.choices(kinds, weights=[KIND_WEIGHTS[k] for k in kinds])[0]
     example = scenes.make_example(rng, kind)
     if kind in scenes.KINDS and turns:
-        extra = tuple(scenes.extra_turn(rng, example.scenes[0]) for _ in range(turns))
-        example = scenes.Example(kind, example.scenes, example.turns + extra)
+        scene = example.scenes[0]
+        extra = []
+        for _ in range(turns):
+            turn = hard_turn(rng, scene) if hard and rng.random() < hard else None
+            extra.append(turn or scenes.extra_turn(rng, scene))
+        example = scenes.Example(kind, example.scenes, example.turns + tuple(extra))
     return example
 
 
@@ -155,16 +184,37 @@ def train_vision(model, head: probe.GlobalTileProbe, optim, processor, rng: rand
             print(f"vision step {step + 1} probe loss {recent:.4f} elapsed {time.time() - start:.0f}s", flush=True)
 
 
-def make_batch(processor, rng: random.Random, size: int, assistant: list[int], eos: int, turns: int) -> dict:
+def make_batch(
+    processor, rng: random.Random, size: int, assistant: list[int], eos: int, turns: int, hard: float
+) -> dict:
     # Two-image conversations are twice as long; batching them apart keeps padding small.
     two = rng.random() < KIND_WEIGHTS["two_image"] / sum(KIND_WEIGHTS.values())
     kinds = ["two_image"] if two else [k for k in KIND_WEIGHTS if k != "two_image"]
-    examples = [training_example(rng, kinds, turns) for _ in range(size)]
+    examples = [training_example(rng, kinds, turns, hard) for _ in range(size)]
     texts = [processor.apply_chat_template(scenes.to_messages(e)) for e in examples]
     images = [[scenes.render(s) for s in e.scenes] for e in examples]
     batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
     labels = batch["input_ids"].masked_fill(~answer_mask(batch["input_ids"], assistant, eos), -100)
     return {**batch, "labels": labels}
+
+
+def deepen(model: Idefics3ForConditionalGeneration, layers: int) -> list[nn.Parameter]:
+    """Append `layers` decoder layers to the text model that start as the identity (zero o_proj and down_proj,
+    so the model computes what it did); returns their parameters."""
+    text = model.model.text_model
+    first = len(text.layers)
+    added = []
+    for i in range(layers):
+        layer = LlamaDecoderLayer(text.config, first + i)
+        for param in layer.parameters():
+            if param.ndim == 2:
+                torch.nn.init.normal_(param, std=0.02)
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+        text.layers.append(layer)
+        added += list(layer.parameters())
+    text.config.num_hidden_layers = model.config.text_config.num_hidden_layers = first + layers
+    return added
 
 
 def text_step(model: nn.Module, batch: dict, params: list[nn.Parameter], optim: torch.optim.Optimizer) -> float:
@@ -188,11 +238,17 @@ def progress_at(step: int, args: argparse.Namespace, elapsed: float) -> float:
     return elapsed / (60 * args.minutes) if args.minutes else step / args.steps
 
 
-def save_weights(model: nn.Module, out: Path) -> None:
+def save_weights(model: Idefics3ForConditionalGeneration, out: Path) -> None:
     # Plain safetensors with the hub's tensor names; save_pretrained would rewrite config.json in the
-    # transformers-5 layout, and the shipped folder keeps the hub-era one.
+    # transformers-5 layout, and the shipped folder keeps the hub-era one (only its layer count can change,
+    # when `deepen` grew the text model).
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    layers = model.config.text_config.num_hidden_layers
+    if config["text_config"]["num_hidden_layers"] != layers:
+        config["text_config"]["num_hidden_layers"] = layers
+        (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def vision_optimizer(model: Idefics3ForConditionalGeneration, head: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -232,7 +288,13 @@ def train(args: argparse.Namespace) -> None:
     losses: list[float] = []
     step = 0
     while (progress := progress_at(step, args, time.time() - start)) < 1.0:
-        batch = make_batch(processor, rng, args.batch, assistant, eos, args.turns)
+        if args.grow_at is not None and progress >= args.grow_at and len(optim.param_groups) == 1:
+            added = deepen(model, args.grow_layers)
+            params += added
+            optim.add_param_group({"params": added})
+            print(f"step {step}: text model grown to {model.config.text_config.num_hidden_layers} layers", flush=True)
+        hard = args.hard if progress >= args.hard_at else 0.0
+        batch = make_batch(processor, rng, args.batch, assistant, eos, args.turns, hard)
         for group in optim.param_groups:
             group["lr"] = lr_at(progress, step, args.lr, args.warmup)
         losses.append(text_step(model, batch, params, optim))
@@ -257,6 +319,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=5e-4, help="stage 2 (the text model)")
     parser.add_argument("--vision-lr", type=float, default=1.5e-3, help="stage 1 (the vision tower)")
     parser.add_argument("--turns", type=int, default=6, help="extra questions per single-image conversation")
+    parser.add_argument("--hard", type=float, default=0.0, help="share of the extra questions made binding ones")
+    parser.add_argument("--hard-at", type=float, default=0.0, help="ask --hard binding questions from this progress on")
+    parser.add_argument("--grow-at", type=float, default=None, help="progress at which to deepen the text model")
+    parser.add_argument("--grow-layers", type=int, default=2, help="decoder layers --grow-at adds (identity at first)")
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--vision-steps", type=int, default=10000, help="stage 1: the vision tower alone, first")
     parser.add_argument("--seed", type=int, default=0)

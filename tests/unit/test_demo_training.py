@@ -3,6 +3,7 @@ the probe's targets line up with the global tile's tokens, and the edge stem is 
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,55 @@ def test_edge_stem_filters_are_unit_edges_and_flat_colours() -> None:
     assert torch.allclose(w[:64, 0], w[:64, 1]) and torch.allclose(w[:64, 1], w[:64, 2])  # colour-blind edges
     assert torch.allclose(w[64:].amax(dim=(2, 3)), w[64:].amin(dim=(2, 3)))  # flat colour filters
     assert conv.bias is not None and not conv.bias.any()
+
+
+def test_a_run_that_grows_the_text_model_writes_a_deeper_model_idefix_loads(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    command = [sys.executable, str(ROOT / "demo" / "train.py"), "--steps", "4", "--vision-steps", "1", "--batch", "2"]
+    command += ["--grow-at", "0.5", "--grow-layers", "2", "--hard", "0.5", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "step 2: text model grown to 5 layers" in result.stdout
+    model = load(str(out), progress=False)
+    assert model.model.config.text.num_hidden_layers == 5
+    answer = generate(Engine(model), [{"role": "user", "content": "What shape is shown?"}])
+    assert answer.usage.completion_tokens >= 1
+
+
+def test_grown_layers_start_as_the_identity() -> None:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    config = Idefics3Config.from_pretrained(ROOT / "idefix" / "demo" / "model")
+    model = Idefics3ForConditionalGeneration(config).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        added = train.deepen(model, 2)
+        after = model(input_ids=ids).logits
+    assert len(model.model.text_model.layers) == config.text_config.num_hidden_layers == 5
+    assert added and all(p.requires_grad for p in added)
+    assert torch.equal(before, after)
+
+
+def test_hard_turns_ask_binding_questions_with_the_right_answers() -> None:
+    objects = (
+        scenes.Obj("circle", "red", 0, 0, scenes.SIZES[1]),
+        scenes.Obj("square", "green", 0, 2, scenes.SIZES[1]),
+        scenes.Obj("circle", "green", 2, 2, scenes.SIZES[0]),
+    )
+    scene = scenes.Scene(128, 128, "white", None, objects)
+    present = {(o.colour, o.shape) for o in objects}
+    rng = random.Random(0)
+    turns = [t for t in (train.hard_turn(rng, scene) for _ in range(300)) if t]
+    assert len(turns) > 200
+    for question, answer in turns:
+        if question.startswith("Is there a "):
+            colour, shape = question.removeprefix("Is there a ").rstrip("?").split()
+            assert answer == ("yes" if (colour, shape) in present else "no")
+        else:
+            colour, shape = question.removeprefix("Where is the ").rstrip("?").split()
+            (obj,) = [o for o in objects if (o.colour, o.shape) == (colour, shape)]
+            assert answer == scenes.position_name(obj)
+    # The "no" cases are mostly the ones a shape-only reader gets wrong: the shape is drawn in another colour.
+    noes = [q for q, a in turns if a == "no"]
+    assert noes and all(q.endswith(("circle?", "square?")) for q in noes)
