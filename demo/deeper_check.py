@@ -53,10 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     processor = AutoProcessor.from_pretrained(out)
     model = Idefics3ForConditionalGeneration.from_pretrained(out)
     train.deepen(model, args.layers)
-    model.model.vision_model.requires_grad_(False)
-    model.model.connector.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    params, optim = train.text_optimizer(model, args.lr)
     tok = processor.tokenizer
     assistant, eos = tok.encode("Assistant:", add_special_tokens=False), tok.convert_tokens_to_ids(build.EOS)
     model.train()

@@ -261,6 +261,17 @@ def vision_optimizer(model: Idefics3ForConditionalGeneration, head: nn.Module, l
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
 
 
+def text_optimizer(
+    model: Idefics3ForConditionalGeneration, lr: float
+) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:
+    """Stage 2: freezes the vision tower and connector; AdamW (no weight decay) on everything else, and those
+    parameters."""
+    model.model.vision_model.requires_grad_(False)
+    model.model.connector.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return params, torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+
+
 def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -281,14 +292,12 @@ def train(args: argparse.Namespace) -> None:
     # Stage 2 trains the text model alone, on what the finished tower shows it. At the stage-1 rate (1.5e-3)
     # it never learned the questions that bind a colour to a shape (presence, colour of a shape, position
     # stayed at chance after 235k conversations, measured); at 5e-4 they came within 100k.
-    model.model.vision_model.requires_grad_(False)
-    model.model.connector.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    params, optim = text_optimizer(model, args.lr)
     losses: list[float] = []
     step = 0
     while (progress := progress_at(step, args, time.time() - start)) < 1.0:
-        if args.grow_at is not None and progress >= args.grow_at and len(optim.param_groups) == 1:
+        grown = len(optim.param_groups) > 1  # the added layers are the optimizer's second group
+        if args.grow_at is not None and progress >= args.grow_at and not grown:
             added = deepen(model, args.grow_layers)
             params += added
             optim.add_param_group({"params": added})

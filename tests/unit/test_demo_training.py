@@ -123,6 +123,6 @@ def test_hard_turns_ask_binding_questions_with_the_right_answers() -> None:
             colour, shape = question.removeprefix("Where is the ").rstrip("?").split()
             (obj,) = [o for o in objects if (o.colour, o.shape) == (colour, shape)]
             assert answer == scenes.position_name(obj)
-    # The "no" cases are mostly the ones a shape-only reader gets wrong: the shape is drawn in another colour.
+    # Every "no" is a case a shape-only reader gets wrong: it names a shape drawn in the scene, in another colour.
     noes = [q for q, a in turns if a == "no"]
     assert noes and all(q.endswith(("circle?", "square?")) for q in noes)
