@@ -79,6 +79,11 @@ def real_tiles(pixel_values: torch.Tensor) -> torch.Tensor:
     return (pixel_values != 0).flatten(2).any(-1)
 
 
+def centre_token(obj: scenes.Obj, side: int) -> int:
+    """The index of the global-tile token (of `side` x `side`) that holds `obj`'s centre."""
+    return int((obj.row + 0.5) / 3 * side) * side + int((obj.col + 0.5) / 3 * side)
+
+
 def label_image(scene: scenes.Scene) -> Image.Image:
     """The scene with background 0 and each object drawn as (shape index + 1, colour index + 1, 0)."""
     image = Image.new("RGB", (scene.width, scene.height), (0, 0, 0))
@@ -102,7 +107,7 @@ def targets(scene_list: list[scenes.Scene], tile: int, side: int) -> dict[str, t
     cells = torch.zeros(len(scene_list), N_COLOURS, N_SHAPES, 9)
     for i, s in enumerate(scene_list):
         for o in s.objects:
-            token = int((o.row + 0.5) / 3 * side) * side + int((o.col + 0.5) / 3 * side)
+            token = centre_token(o, side)
             shape, colour = scenes.SHAPES.index(o.shape), COLOURS.index(o.colour)
             centre_shape[i, token], centre_colour[i, token] = shape + 1, colour + 1
             counts[i, shape] += 1

@@ -1,5 +1,6 @@
 """The demo model's training script runs end to end (a few steps), and its training-only pieces are right:
-the probe's targets line up with the global tile's tokens, and the edge stem is what it says."""
+the probe's targets line up with the global tile's tokens, the edge stem is what it says, and the retrieval
+check reads attention where it says."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
 from idefix.demo import scenes
 from idefix.engine.engine import Engine
@@ -18,6 +20,7 @@ from idefix.loading import load
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "demo"))
 import probe  # noqa: E402
+import retrieval_check  # noqa: E402
 import train  # noqa: E402
 
 
@@ -126,3 +129,22 @@ def test_hard_turns_ask_binding_questions_with_the_right_answers() -> None:
     # Every "no" is a case a shape-only reader gets wrong: it names a shape drawn in the scene, in another colour.
     noes = [q for q, a in turns if a == "no"]
     assert noes and all(q.endswith(("circle?", "square?")) for q in noes)
+
+
+def test_retrieval_check_reads_the_global_tile_at_the_named_objects_token() -> None:
+    model_dir = ROOT / "idefix" / "demo" / "model"
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = Idefics3ForConditionalGeneration.from_pretrained(model_dir, attn_implementation="eager").eval()
+    named = scenes.Obj("star", "red", 2, 0, scenes.SIZES[1])
+    other = scenes.Obj("circle", "blue", 0, 2, scenes.SIZES[1])
+    scene = scenes.Scene(128, 128, "grey", None, (other, named))
+    example = scenes.Example("position", (scene,), (("Where is the red star?", "bottom left"),))
+    _, shares = retrieval_check.attention_shares(model, processor, example)
+    config = model.config.text_config
+    assert shares.shape == (config.num_hidden_layers, config.num_attention_heads, len(retrieval_check.PLACES))
+    named_share, others, global_tile, local_tiles = shares.unbind(-1)
+    # The named object's and the other object's tokens are two different tokens of the global tile.
+    assert torch.all(named_share + others <= global_tile + 1e-6)
+    assert torch.all(global_tile + local_tiles <= 1 + 1e-6)
+    # The centre of cell (2, 0) lies in token (3, 0) of the 4x4 grid: the probe's own index, checked here apart.
+    assert probe.centre_token(named, 4) == 12 and probe.centre_token(other, 4) == 3
