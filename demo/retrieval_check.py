@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     processor = AutoProcessor.from_pretrained(args.model)
     model = Idefics3ForConditionalGeneration.from_pretrained(args.model, attn_implementation="eager").eval()
-    examples = [e for e in held_out(args.seed, 7 * args.count, 0, 0) if e.kind == "position"]
+    examples = [e for e in held_out(args.seed, len(scenes.KINDS) * args.count, 0, 0) if e.kind == "position"]
     results: dict[bool, list[torch.Tensor]] = {True: [], False: []}
     for example in examples:
         right, shares = attention_shares(model, processor, example)
