@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     model.train()
     rng, start, step, losses = random.Random(11), time.time(), 0, []
     while (progress := (time.time() - start) / 60 / args.minutes) < 1:
-        batch = train.make_batch(processor, rng, 16, assistant, eos, 6, args.hard)
+        batch, _ = train.make_batch(processor, rng, 16, assistant, eos, 6, args.hard)
         for group in optim.param_groups:
             group["lr"] = train.lr_at(progress, step, args.lr, 100)
-        losses.append(train.text_step(model, batch, params, optim))
+        losses.append(train.text_step(model, batch, params, optim)[0])
         step += 1
         if step % 50 == 0:
             print(f"step {step} loss {sum(losses[-50:]) / 50:.4f} elapsed {time.time() - start:.0f}s", flush=True)

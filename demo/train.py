@@ -1,14 +1,21 @@
 """Train the tiny Idefics3 demo model that ships in idefix/demo/model/.
 
-    python demo/train.py --threads 2 --minutes 115   # the shipped model: 115 minutes, annealed by the clock
-    python demo/train.py --steps 15000               # seeded and step-based: bit-for-bit reproducible
+    python demo/train.py                          # the shipped model's recipe: seeded, step-based, ~1-2 hours
+    python demo/train.py --tower idefix/demo/model --out runs/again   # its stage 2 alone, on the shipped tower
     python demo/train.py --steps 200 --out runs/smoke
 
 Builds the tokenizer and processor files first, then trains `transformers.Idefics3ForConditionalGeneration`
 in two stages: the vision tower and connector alone on global tiles against demo/probe.py's targets
 (`--vision-steps`, `--vision-lr`), then, with them frozen, the text model on conversations from
 `idefix.demo.scenes`, encoded by the saved processor exactly as at inference time, with the loss on the
-assistant answers and their `<end_of_utterance>` only (`--lr`, `--turns`).
+assistant answers and their `<end_of_utterance>` only (`--lr`, `--turns`). `--tower DIR` takes the vision tower
+and connector of a trained model instead of stage 1 (stage 2 draws its own data stream, so on the tower that
+stage 1 of the same command makes it trains what that command does).
+
+`--retrieval W` adds W x -log of the attention that one text-model head (RETRIEVAL_HEAD) puts, from the position
+that writes an answer, on the global-tile tokens of the objects the question names ("Where is the red star?",
+"What colour is the circle?", each object of a description). Without it the text model learned to find an object
+by its colour and shape late, and only in some runs (idefix/demo/model/README.md).
 
 Two experiments for the binding questions (colour and shape together; see idefix/demo/model/README.md), off by
 default: `--hard` makes that share of the extra questions binding ones from progress `--hard-at` on, and
@@ -22,6 +29,7 @@ import argparse
 import json
 import math
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -41,6 +49,9 @@ from idefix.demo import scenes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Counting and comparing are the hardest skills for a tiny model, so they get more of the data.
+# The text model's (layer, head) that `--retrieval` teaches to attend from a question's answer to the object it
+# names; layer 1 is the first whose queries can already hold the question's words, and one layer is left after it.
+RETRIEVAL_HEAD = (1, 0)
 KIND_WEIGHTS = {
     "shape": 1,
     "colour": 1,
@@ -67,6 +78,64 @@ def answer_mask(input_ids: torch.Tensor, assistant: list[int], eos: int) -> torc
             elif i >= n and row[i - n + 1 : i + 1] == assistant:
                 inside = True
     return mask
+
+
+def referents(scene: scenes.Scene, turns: tuple[tuple[str, str], ...]) -> list[list[scenes.Obj]]:
+    """For each turn, the objects its question names (by colour and shape, by a shape drawn once, or by "it"
+    for the previous question's; every object, in reading order, for a description), or none: counts,
+    one-attribute and background questions, and a "no"."""
+    found: list[list[scenes.Obj]] = []
+    for question, _ in turns:
+        if question.endswith(" it?"):
+            named = found[-1] if found else []
+        elif m := re.fullmatch(r"(?:Where is the|Is there a) (\w+) (\w+)\?", question):
+            named = [o for o in scene.objects if (o.colour, o.shape) == m.groups()]
+        elif m := re.fullmatch(r"What colour is the (\w+)\?", question):
+            named = [o for o in scene.objects if o.shape == m[1] or m[1] == "shape"]
+        elif question in ("What shape is shown?", "Describe the image."):
+            named = scenes.reading_order(scene)
+        else:
+            named = []
+        found.append(named)
+    return found
+
+
+def colour_tokens(tokenizer) -> set[int]:
+    """The token ids of the colour words as answers spell them (" red")."""
+    ids = set()
+    for colour in scenes.COLOURS:
+        (token,) = tokenizer.encode(f" {colour}", add_special_tokens=False)
+        ids.add(token)
+    return ids
+
+
+def retrieval_targets(
+    input_ids: torch.Tensor, answers: torch.Tensor, examples: list[scenes.Example], image: int, colours: set[int]
+) -> list[tuple[int, int, torch.Tensor]]:
+    """(row, query, keys): in single-image conversations, for every answer (`answers`: answer_mask) whose
+    question names objects, the position that writes the answer's first token, and the global-tile tokens that
+    hold those objects' centres (where demo/probe.py taught the tower to describe them). A description gets one
+    per object instead: the position that writes its colour word (one of the token ids `colours`) and its token."""
+    side = math.isqrt(build.IMAGE_SEQ_LEN)
+    targets = []
+    for b, example in enumerate(examples):
+        if len(example.scenes) != 1:
+            continue
+        global_tile = (input_ids[b] == image).nonzero().flatten()[-build.IMAGE_SEQ_LEN :]
+        zero = torch.zeros(1, dtype=torch.int)
+        edges = torch.diff(answers[b].int(), prepend=zero, append=zero)
+        spans = zip(*(x.nonzero().flatten().tolist() for x in (edges == 1, edges == -1)), strict=True)
+        for (question, _), named, (start, end) in zip(
+            example.turns, referents(example.scenes[0], example.turns), spans, strict=True
+        ):
+            if question == "Describe the image.":
+                words = [i for i in range(start, end) if int(input_ids[b, i]) in colours]
+                queries = [(i - 1, [o]) for i, o in zip(words, named, strict=False)]
+            else:
+                queries = [(start - 1, named)] if named else []
+            for query, objects in queries:
+                targets.append((b, query, global_tile[[probe.centre_token(o, side) for o in objects]]))
+    return targets
 
 
 def hard_turn(rng: random.Random, scene: scenes.Scene) -> tuple[str, str] | None:
@@ -186,7 +255,8 @@ def train_vision(model, head: probe.GlobalTileProbe, optim, processor, rng: rand
 
 def make_batch(
     processor, rng: random.Random, size: int, assistant: list[int], eos: int, turns: int, hard: float
-) -> dict:
+) -> tuple[dict, list[tuple[int, int, torch.Tensor]]]:
+    """A batch of conversations for the model (labels on the answers only) and its retrieval_targets."""
     # Two-image conversations are twice as long; batching them apart keeps padding small.
     two = rng.random() < KIND_WEIGHTS["two_image"] / sum(KIND_WEIGHTS.values())
     kinds = ["two_image"] if two else [k for k in KIND_WEIGHTS if k != "two_image"]
@@ -194,8 +264,10 @@ def make_batch(
     texts = [processor.apply_chat_template(scenes.to_messages(e)) for e in examples]
     images = [[scenes.render(s) for s in e.scenes] for e in examples]
     batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
-    labels = batch["input_ids"].masked_fill(~answer_mask(batch["input_ids"], assistant, eos), -100)
-    return {**batch, "labels": labels}
+    answers = answer_mask(batch["input_ids"], assistant, eos)
+    colours = colour_tokens(processor.tokenizer)
+    targets = retrieval_targets(batch["input_ids"], answers, examples, processor.image_token_id, colours)
+    return {**batch, "labels": batch["input_ids"].masked_fill(~answers, -100)}, targets
 
 
 def deepen(model: Idefics3ForConditionalGeneration, layers: int) -> list[nn.Parameter]:
@@ -217,14 +289,30 @@ def deepen(model: Idefics3ForConditionalGeneration, layers: int) -> list[nn.Para
     return added
 
 
-def text_step(model: nn.Module, batch: dict, params: list[nn.Parameter], optim: torch.optim.Optimizer) -> float:
-    """One optimizer step on a conversation batch (gradients clipped to norm 1); returns the loss."""
-    loss = model(**batch).loss
+def text_step(
+    model: nn.Module,
+    batch: dict,
+    params: list[nn.Parameter],
+    optim: torch.optim.Optimizer,
+    targets: list[tuple[int, int, torch.Tensor]] | None = None,
+    weight: float = 0.0,
+) -> tuple[float, float]:
+    """One optimizer step on a conversation batch (gradients clipped to norm 1). With a `weight`, the loss adds
+    `weight` x -log of the attention that RETRIEVAL_HEAD puts on each target's keys (the model must run eager
+    attention). Returns the answer loss and that attention's mean (0 without targets)."""
+    supervise = bool(weight and targets)
+    out = model(**batch, output_attentions=supervise)
+    loss, found = out.loss, torch.zeros(1)
+    if supervise:
+        layer, head = RETRIEVAL_HEAD
+        attention = out.attentions[layer][:, head]  # [batch, queries, keys]
+        found = torch.stack([attention[b, query, keys].sum() for b, query, keys in targets])
+        loss = loss - weight * (found + 1e-6).log().mean()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optim.step()
     optim.zero_grad(set_to_none=True)
-    return loss.item()
+    return out.loss.item(), found.mean().item()
 
 
 def lr_at(progress: float, step: int, peak: float, warmup: int) -> float:
@@ -278,22 +366,33 @@ def train(args: argparse.Namespace) -> None:
     out = Path(args.out)
     build.build_folder(out, args.seed)
     processor = AutoProcessor.from_pretrained(out)
-    model = Idefics3ForConditionalGeneration(Idefics3Config.from_pretrained(out))
+    # Eager attention returns the attention weights that --retrieval trains; it computes the same as "sdpa".
+    config = Idefics3Config.from_pretrained(out, attn_implementation="eager" if args.retrieval else None)
+    model = Idefics3ForConditionalGeneration(config)
     init_vision(model, args.seed)
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}", flush=True)
     tok = processor.tokenizer
     assistant = tok.encode("Assistant:", add_special_tokens=False)
     eos = tok.convert_tokens_to_ids(build.EOS)
     head = probe.GlobalTileProbe(model.config.text_config.hidden_size)
-    rng = random.Random(args.seed)
     model.train()
     start = time.time()
-    train_vision(model, head, vision_optimizer(model, head, args.vision_lr), processor, rng, args)
+    if args.tower:
+        trained = Idefics3ForConditionalGeneration.from_pretrained(args.tower).model
+        model.model.vision_model.load_state_dict(trained.vision_model.state_dict())
+        model.model.connector.load_state_dict(trained.connector.state_dict())
+        print(f"vision tower and connector from {args.tower}; stage 1 skipped", flush=True)
+    else:
+        optim = vision_optimizer(model, head, args.vision_lr)
+        train_vision(model, head, optim, processor, random.Random(args.seed), args)
     # Stage 2 trains the text model alone, on what the finished tower shows it. At the stage-1 rate (1.5e-3)
     # it never learned the questions that bind a colour to a shape (presence, colour of a shape, position
     # stayed at chance after 235k conversations, measured); at 5e-4 they came within 100k.
     params, optim = text_optimizer(model, args.lr)
+    # Its own data stream, so that stage 2 on a --tower from stage 1 of the same command is that command's.
+    rng = random.Random(args.seed + 1)
     losses: list[float] = []
+    found: list[float] = []
     step = 0
     while (progress := progress_at(step, args, time.time() - start)) < 1.0:
         grown = len(optim.param_groups) > 1  # the added layers are the optimizer's second group
@@ -303,25 +402,31 @@ def train(args: argparse.Namespace) -> None:
             optim.add_param_group({"params": added})
             print(f"step {step}: text model grown to {model.config.text_config.num_hidden_layers} layers", flush=True)
         hard = args.hard if progress >= args.hard_at else 0.0
-        batch = make_batch(processor, rng, args.batch, assistant, eos, args.turns, hard)
+        batch, targets = make_batch(processor, rng, args.batch, assistant, eos, args.turns, hard)
         for group in optim.param_groups:
             group["lr"] = lr_at(progress, step, args.lr, args.warmup)
-        losses.append(text_step(model, batch, params, optim))
+        loss, share = text_step(model, batch, params, optim, targets, args.retrieval)
+        losses.append(loss)
+        found.append(share)
         step += 1
         if step % args.log_every == 0:
-            recent = sum(losses[-args.log_every :]) / args.log_every
+            recent, share = (sum(x[-args.log_every :]) / args.log_every for x in (losses, found))
             elapsed = time.time() - start
-            print(f"step {step} loss {recent:.4f} lr {group['lr']:.2e} elapsed {elapsed:.0f}s", flush=True)
+            print(
+                f"step {step} loss {recent:.4f} retrieval {share:.3f} lr {group['lr']:.2e} elapsed {elapsed:.0f}s",
+                flush=True,
+            )
         if step % args.save_every == 0:
             save_weights(model, out)
     save_weights(model, out)
-    summary = {"vision_steps": args.vision_steps, "steps": step, "seconds": round(time.time() - start)}
+    vision_steps = 0 if args.tower else args.vision_steps
+    summary = {"vision_steps": vision_steps, "steps": step, "seconds": round(time.time() - start)}
     print(json.dumps({**summary, "final_loss": losses[-1] if losses else None}), flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3000, help="the schedule's length, unless --minutes is given")
+    parser.add_argument("--steps", type=int, default=7500, help="the schedule's length, unless --minutes is given")
     parser.add_argument("--out", default=str(ROOT / "idefix" / "demo" / "model"))
     parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget; anneal by time")
     parser.add_argument("--batch", type=int, default=16)
@@ -332,6 +437,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hard-at", type=float, default=0.0, help="ask --hard binding questions from this progress on")
     parser.add_argument("--grow-at", type=float, default=None, help="progress at which to deepen the text model")
     parser.add_argument("--grow-layers", type=int, default=2, help="decoder layers --grow-at adds (identity at first)")
+    parser.add_argument(
+        "--retrieval", type=float, default=0.3, help="weight of the loss teaching RETRIEVAL_HEAD the named objects"
+    )
+    parser.add_argument("--tower", default=None, help="a trained model whose vision tower to reuse (skips stage 1)")
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--vision-steps", type=int, default=10000, help="stage 1: the vision tower alone, first")
     parser.add_argument("--seed", type=int, default=0)

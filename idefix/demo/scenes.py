@@ -77,9 +77,13 @@ def position_name(obj: Obj) -> str:
     return name or "centre"
 
 
+def reading_order(scene: Scene) -> list[Obj]:
+    """The objects row by row, left to right: the order `describe` names them in."""
+    return sorted(scene.objects, key=lambda o: (o.row, o.col))
+
+
 def describe(scene: Scene) -> str:
-    ordered = sorted(scene.objects, key=lambda o: (o.row, o.col))
-    parts = [f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {o.shape}" for o in ordered]
+    parts = [f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {o.shape}" for o in reading_order(scene)]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"{listed[0].upper()}{listed[1:]} on a {scene.background} background."
 

@@ -148,3 +148,57 @@ def test_retrieval_check_reads_the_global_tile_at_the_named_objects_token() -> N
     assert torch.all(global_tile + local_tiles <= 1 + 1e-6)
     # The centre of cell (2, 0) lies in token (3, 0) of the 4x4 grid: the probe's own index, checked here apart.
     assert probe.centre_token(named, 4) == 12 and probe.centre_token(other, 4) == 3
+
+
+def test_retrieval_targets_point_each_answer_at_the_tokens_of_the_objects_it_names() -> None:
+    processor = AutoProcessor.from_pretrained(ROOT / "idefix" / "demo" / "model")
+    tok = processor.tokenizer
+    star = scenes.Obj("star", "red", 2, 0, scenes.SIZES[1])  # centre in token (3, 0) of the 4x4 global tile
+    circle = scenes.Obj("circle", "blue", 0, 2, scenes.SIZES[1])  # token (0, 3)
+    scene = scenes.Scene(128, 96, "grey", None, (star, circle))
+    turns = (
+        ("Where is the red star?", "bottom left"),
+        ("Is there a blue star?", "no"),
+        ("Describe the image.", "A blue circle and a red star on a grey background."),
+        ("How many stars are there?", "1"),
+        ("What colour is the circle?", "blue"),
+    )
+    examples = [
+        scenes.Example("position", (scene,), turns),
+        scenes.Example("two_image", (scene, scene), (("Which image has more stars?", "the first"),)),
+    ]
+    texts = [processor.apply_chat_template(scenes.to_messages(e)) for e in examples]
+    images = [[scenes.render(s) for s in e.scenes] for e in examples]
+    ids = processor(text=texts, images=images, padding=True, return_tensors="pt")["input_ids"]
+    answers = train.answer_mask(
+        ids, tok.encode("Assistant:", add_special_tokens=False), tok.convert_tokens_to_ids("<end_of_utterance>")
+    )
+    targets = train.retrieval_targets(ids, answers, examples, processor.image_token_id, train.colour_tokens(tok))
+    global_tile = (ids[0] == processor.image_token_id).nonzero().flatten()[-16:]
+    # The position answer, the description's two objects (at their colour words) and the circle's colour; not
+    # the "no", the count, nor the two-image question.
+    expected = [(" bottom", 12), (" blue", 3), (" red", 12), (" blue", 3)]
+    assert [(tok.decode(ids[b, query + 1]), keys.tolist()) for b, query, keys in targets] == [
+        (word, [int(global_tile[token])]) for word, token in expected
+    ]
+    assert all(b == 0 for b, _, _ in targets)
+
+
+def test_a_run_on_a_trained_tower_with_the_retrieval_loss_writes_a_model_idefix_loads(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    command = [sys.executable, str(ROOT / "demo" / "train.py"), "--steps", "3", "--batch", "4", "--log-every", "1"]
+    command += ["--tower", str(ROOT / "idefix" / "demo" / "model"), "--retrieval", "0.3", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "stage 1 skipped" in result.stdout and '"vision_steps": 0, "steps": 3' in result.stdout
+    # The head's attention on the named objects is logged; batches of single-image conversations have targets.
+    shares = [
+        float(line.split(" retrieval ")[1].split()[0]) for line in result.stdout.splitlines() if " retrieval " in line
+    ]
+    assert len(shares) == 3 and all(0 <= s <= 1 for s in shares) and any(s > 0 for s in shares)
+    shipped = Idefics3ForConditionalGeneration.from_pretrained(ROOT / "idefix" / "demo" / "model")
+    trained = Idefics3ForConditionalGeneration.from_pretrained(out)
+    for name, value in shipped.model.vision_model.state_dict().items():
+        assert torch.equal(value, trained.model.vision_model.state_dict()[name])
+    answer = generate(Engine(load(str(out), progress=False)), [{"role": "user", "content": "What shape is shown?"}])
+    assert answer.usage.completion_tokens >= 1
