@@ -24,7 +24,6 @@ from idefix.generate import generate
 from idefix.loading import load
 from idefix.media import MediaPolicy
 from idefix.sampling import SamplingParams
-from tests.demo_gate import expect_demo_answer
 from tests.e2e.conftest import API_KEY, DEMO_IMAGES, DEMO_MODEL, Server, needs_demo_model, open_flags, start_server
 
 STAR = DEMO_IMAGES / "star.png"
@@ -285,4 +284,6 @@ def test_demo_model_answers_by_url_base64_and_path(
         messages = ask(url, question)
         done = client.chat.completions.create(model="default", messages=messages, max_tokens=32, temperature=0)
         assert done.choices[0].message.content == alone  # the server answers what the engine answers
-    expect_demo_answer(alone, answer)
+    # Issue 6 asks for the right answers; the shipped model gives all five, so they are asserted outright
+    # (not through tests/demo_gate.py, which excuses wrong answers while the model is below issue 4's targets).
+    assert alone.strip() == answer
