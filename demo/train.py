@@ -48,10 +48,10 @@ import probe  # noqa: E402
 from idefix.demo import scenes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# Counting and comparing are the hardest skills for a tiny model, so they get more of the data.
 # The text model's (layer, head) that `--retrieval` teaches to attend from a question's answer to the object it
 # names; layer 1 is the first whose queries can already hold the question's words, and one layer is left after it.
 RETRIEVAL_HEAD = (1, 0)
+# Counting and comparing are the hardest skills for a tiny model, so they get more of the data.
 KIND_WEIGHTS = {
     "shape": 1,
     "colour": 1,
