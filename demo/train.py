@@ -17,10 +17,9 @@ that writes an answer, on the global-tile tokens of the objects the question nam
 "What colour is the circle?", each object of a description). Without it the text model learned to find an object
 by its colour and shape late, and only in some runs (idefix/demo/model/README.md).
 
-Two experiments for the binding questions (colour and shape together; see idefix/demo/model/README.md), off by
-default: `--hard` makes that share of the extra questions binding ones from progress `--hard-at` on, and
-`--grow-at` appends `--grow-layers` identity-initialized decoder layers to the text model part-way through
-stage 2, e.g. `--grow-at 0.5 --hard 0.4 --hard-at 0.5`.
+For two-image questions, off by default (the shipped model was trained without them): `--comparison W` does the
+same for another head (COMPARISON_HEAD), from the answer of "Which image has more circles?" to every circle of
+both images, and `--two-turns N` asks each two-image conversation up to N more comparisons.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoProcessor, Idefics3Config, Idefics3ForConditionalGeneration
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 # Runs from a checkout without installing: the repo root for `idefix`, this folder for `build`.
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
@@ -51,6 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # The text model's (layer, head) that `--retrieval` teaches to attend from a question's answer to the object it
 # names; layer 1 is the first whose queries can already hold the question's words, and one layer is left after it.
 RETRIEVAL_HEAD = (1, 0)
+# The head that `--comparison` teaches to attend from a two-image question's answer to every object of the compared
+# shape in both images. It is in the other key group (2 key heads for 4): trained on head 0, comparing by shape
+# alone taught that head to find objects by shape, and "Is there a red star?" was answered from any star.
+COMPARISON_HEAD = (1, 2)
 # Counting and comparing are the hardest skills for a tiny model, so they get more of the data.
 KIND_WEIGHTS = {
     "shape": 1,
@@ -109,22 +111,40 @@ def colour_tokens(tokenizer) -> set[int]:
     return ids
 
 
+def global_tiles(row: torch.Tensor, marker: int) -> list[torch.Tensor]:
+    """The positions of each image's global-tile tokens in one prompt: the IMAGE_SEQ_LEN after each `marker`
+    (the <global-img> token)."""
+    return [start + 1 + torch.arange(build.IMAGE_SEQ_LEN) for start in (row == marker).nonzero().flatten()]
+
+
 def retrieval_targets(
-    input_ids: torch.Tensor, answers: torch.Tensor, examples: list[scenes.Example], image: int, colours: set[int]
-) -> list[tuple[int, int, torch.Tensor]]:
-    """(row, query, keys): in single-image conversations, for every answer (`answers`: answer_mask) whose
-    question names objects, the position that writes the answer's first token, and the global-tile tokens that
-    hold those objects' centres (where demo/probe.py taught the tower to describe them). A description gets one
-    per object instead: the position that writes its colour word (one of the token ids `colours`) and its token."""
+    input_ids: torch.Tensor, answers: torch.Tensor, examples: list[scenes.Example], marker: int, colours: set[int]
+) -> list[tuple[int, tuple[int, int], int, torch.Tensor]]:
+    """(row, head, query, keys): for every answer (`answers`: answer_mask) whose question names objects, the position
+    that writes the answer's first token, and the global-tile tokens (`global_tiles`) that hold those objects'
+    centres, where demo/probe.py taught the tower to describe them, for RETRIEVAL_HEAD. A comparison of two
+    images names every object of its shape in both, from the position that writes "first" or "second", for
+    COMPARISON_HEAD. A description gets one per object instead: the position that writes its colour word (one of
+    the token ids `colours`) and its token."""
     side = math.isqrt(build.IMAGE_SEQ_LEN)
+    singular = {plural: shape for shape, plural in scenes.PLURALS.items()}
     targets = []
     for b, example in enumerate(examples):
-        if len(example.scenes) != 1:
-            continue
-        global_tile = (input_ids[b] == image).nonzero().flatten()[-build.IMAGE_SEQ_LEN :]
+        tiles = global_tiles(input_ids[b], marker)
         zero = torch.zeros(1, dtype=torch.int)
         edges = torch.diff(answers[b].int(), prepend=zero, append=zero)
-        spans = zip(*(x.nonzero().flatten().tolist() for x in (edges == 1, edges == -1)), strict=True)
+        spans = list(zip(*(x.nonzero().flatten().tolist() for x in (edges == 1, edges == -1)), strict=True))
+        if len(example.scenes) == 2:
+            for (question, _), (start, _) in zip(example.turns, spans, strict=True):
+                shape = singular[question.removeprefix("Which image has more ").removesuffix("?")]
+                keys = [
+                    int(tile[probe.centre_token(o, side)])
+                    for tile, scene in zip(tiles, example.scenes, strict=True)
+                    for o in scene.objects
+                    if o.shape == shape
+                ]
+                targets.append((b, COMPARISON_HEAD, start, torch.tensor(keys)))
+            continue
         for (question, _), named, (start, end) in zip(
             example.turns, referents(example.scenes[0], example.turns), spans, strict=True
         ):
@@ -134,40 +154,38 @@ def retrieval_targets(
             else:
                 queries = [(start - 1, named)] if named else []
             for query, objects in queries:
-                targets.append((b, query, global_tile[[probe.centre_token(o, side) for o in objects]]))
+                targets.append((b, RETRIEVAL_HEAD, query, tiles[0][[probe.centre_token(o, side) for o in objects]]))
     return targets
 
 
-def hard_turn(rng: random.Random, scene: scenes.Scene) -> tuple[str, str] | None:
-    """A question that needs a colour bound to a shape, or None when `scene` has no such case: a "no" for a
-    colour-shape pair whose shape is drawn in another colour (mostly a colour that is in the scene), or the
-    position of an object named by colour and shape. Random questions rarely ask these, and a 3-layer text
-    model answered presence from the shape alone (demo/binding_check.py)."""
-    present = {(o.colour, o.shape) for o in scene.objects}
-    o = rng.choice(scene.objects)
-    if rng.random() < 0.6:
-        drawn = sorted({p.colour for p in scene.objects if (p.colour, o.shape) not in present})
-        pool = drawn if drawn and rng.random() < 0.5 else [c for c in scenes.COLOURS if (c, o.shape) not in present]
-        if not pool:
-            return f"Is there a {o.colour} {o.shape}?", "yes"
-        return f"Is there a {rng.choice(pool)} {o.shape}?", "no"
-    if sum((p.colour, p.shape) == (o.colour, o.shape) for p in scene.objects) == 1:
-        return f"Where is the {o.colour} {o.shape}?", scenes.position_name(o)
-    return None
+def comparison_turns(
+    rng: random.Random, pair: tuple[scenes.Scene, ...], asked: str, turns: int
+) -> list[tuple[str, str]]:
+    """Up to `turns` more "Which image has more ...?" questions about `pair`, on shapes other than `asked` whose
+    counts differ between the two images."""
+    shapes = [s for s in scenes.SHAPES if s != asked and pair[0].count(s) != pair[1].count(s)]
+    return [
+        (
+            f"Which image has more {scenes.PLURALS[s]}?",
+            "the first" if pair[0].count(s) > pair[1].count(s) else "the second",
+        )
+        for s in rng.sample(shapes, min(turns, len(shapes)))
+    ]
 
 
-def training_example(rng: random.Random, kinds: list[str], turns: int, hard: float) -> scenes.Example:
+def training_example(rng: random.Random, kinds: list[str], turns: int, two_turns: int) -> scenes.Example:
     """An example of a random kind; the single-image ones get `turns` extra questions about the same image,
-    so that one image (80 tokens) feeds several answers (~14 tokens each), a share `hard` of them binding
-    questions (`hard_turn`)."""
+    so that one image (80 tokens) feeds several answers (~14 tokens each), two-image ones up to `two_turns` more
+    comparisons (`comparison_turns`)."""
     kind = rng.choices(kinds, weights=[KIND_WEIGHTS[k] for k in kinds])[0]
     example = scenes.make_example(rng, kind)
+    if kind == "two_image" and two_turns:
+        ((question, _),) = example.turns
+        asked = next(s for s, plural in scenes.PLURALS.items() if question == f"Which image has more {plural}?")
+        extra_two = comparison_turns(rng, example.scenes, asked, two_turns)
+        example = scenes.Example(kind, example.scenes, example.turns + tuple(extra_two))
     if kind in scenes.KINDS and turns:
-        scene = example.scenes[0]
-        extra = []
-        for _ in range(turns):
-            turn = hard_turn(rng, scene) if hard and rng.random() < hard else None
-            extra.append(turn or scenes.extra_turn(rng, scene))
+        extra = [scenes.extra_turn(rng, example.scenes[0]) for _ in range(turns)]
         example = scenes.Example(kind, example.scenes, example.turns + tuple(extra))
     return example
 
@@ -254,39 +272,27 @@ def train_vision(model, head: probe.GlobalTileProbe, optim, processor, rng: rand
 
 
 def make_batch(
-    processor, rng: random.Random, size: int, assistant: list[int], eos: int, turns: int, hard: float
-) -> tuple[dict, list[tuple[int, int, torch.Tensor]]]:
+    processor,
+    rng: random.Random,
+    size: int,
+    assistant: list[int],
+    eos: int,
+    turns: int,
+    two_turns: int,
+) -> tuple[dict, list[tuple[int, tuple[int, int], int, torch.Tensor]]]:
     """A batch of conversations for the model (labels on the answers only) and its retrieval_targets."""
     # Two-image conversations are twice as long; batching them apart keeps padding small.
     two = rng.random() < KIND_WEIGHTS["two_image"] / sum(KIND_WEIGHTS.values())
     kinds = ["two_image"] if two else [k for k in KIND_WEIGHTS if k != "two_image"]
-    examples = [training_example(rng, kinds, turns, hard) for _ in range(size)]
+    examples = [training_example(rng, kinds, turns, two_turns) for _ in range(size)]
     texts = [processor.apply_chat_template(scenes.to_messages(e)) for e in examples]
     images = [[scenes.render(s) for s in e.scenes] for e in examples]
     batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
     answers = answer_mask(batch["input_ids"], assistant, eos)
     colours = colour_tokens(processor.tokenizer)
-    targets = retrieval_targets(batch["input_ids"], answers, examples, processor.image_token_id, colours)
+    marker = processor.tokenizer.convert_tokens_to_ids("<global-img>")
+    targets = retrieval_targets(batch["input_ids"], answers, examples, marker, colours)
     return {**batch, "labels": batch["input_ids"].masked_fill(~answers, -100)}, targets
-
-
-def deepen(model: Idefics3ForConditionalGeneration, layers: int) -> list[nn.Parameter]:
-    """Append `layers` decoder layers to the text model that start as the identity (zero o_proj and down_proj,
-    so the model computes what it did); returns their parameters."""
-    text = model.model.text_model
-    first = len(text.layers)
-    added = []
-    for i in range(layers):
-        layer = LlamaDecoderLayer(text.config, first + i)
-        for param in layer.parameters():
-            if param.ndim == 2:
-                torch.nn.init.normal_(param, std=0.02)
-        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
-        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
-        text.layers.append(layer)
-        added += list(layer.parameters())
-    text.config.num_hidden_layers = model.config.text_config.num_hidden_layers = first + layers
-    return added
 
 
 def text_step(
@@ -294,25 +300,26 @@ def text_step(
     batch: dict,
     params: list[nn.Parameter],
     optim: torch.optim.Optimizer,
-    targets: list[tuple[int, int, torch.Tensor]] | None = None,
-    weight: float = 0.0,
+    targets: list[tuple[int, tuple[int, int], int, torch.Tensor]] | None = None,
+    weights: dict[tuple[int, int], float] | None = None,
 ) -> tuple[float, float]:
-    """One optimizer step on a conversation batch (gradients clipped to norm 1). With a `weight`, the loss adds
-    `weight` x -log of the attention that RETRIEVAL_HEAD puts on each target's keys (the model must run eager
-    attention). Returns the answer loss and that attention's mean (0 without targets)."""
-    supervise = bool(weight and targets)
-    out = model(**batch, output_attentions=supervise)
-    loss, found = out.loss, torch.zeros(1)
-    if supervise:
-        layer, head = RETRIEVAL_HEAD
-        attention = out.attentions[layer][:, head]  # [batch, queries, keys]
-        found = torch.stack([attention[b, query, keys].sum() for b, query, keys in targets])
-        loss = loss - weight * (found + 1e-6).log().mean()
+    """One optimizer step on a conversation batch (gradients clipped to norm 1). For each (layer, head) with a
+    weight in `weights`, the loss adds that weight x the mean over its targets (retrieval_targets) of -log of the
+    attention it puts on the target's keys (the model must run eager attention). Returns the answer loss and the
+    mean of those attentions (0 without targets)."""
+    heads = {h: [t for t in targets or [] if t[1] == h] for h, w in (weights or {}).items() if w}
+    out = model(**batch, output_attentions=any(heads.values()))
+    loss, shares = out.loss, []
+    for (layer, head), chosen in heads.items():
+        if chosen:
+            found = torch.stack([out.attentions[layer][b, head, query, keys].sum() for b, _, query, keys in chosen])
+            loss = loss - (weights or {})[layer, head] * (found + 1e-6).log().mean()
+            shares.append(found)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optim.step()
     optim.zero_grad(set_to_none=True)
-    return out.loss.item(), found.mean().item()
+    return out.loss.item(), torch.cat(shares).mean().item() if shares else 0.0
 
 
 def lr_at(progress: float, step: int, peak: float, warmup: int) -> float:
@@ -328,15 +335,9 @@ def progress_at(step: int, args: argparse.Namespace, elapsed: float) -> float:
 
 def save_weights(model: Idefics3ForConditionalGeneration, out: Path) -> None:
     # Plain safetensors with the hub's tensor names; save_pretrained would rewrite config.json in the
-    # transformers-5 layout, and the shipped folder keeps the hub-era one (only its layer count can change,
-    # when `deepen` grew the text model).
+    # transformers-5 layout, and the shipped folder keeps the hub-era one.
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((out / "config.json").read_text())
-    layers = model.config.text_config.num_hidden_layers
-    if config["text_config"]["num_hidden_layers"] != layers:
-        config["text_config"]["num_hidden_layers"] = layers
-        (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def vision_optimizer(model: Idefics3ForConditionalGeneration, head: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -367,7 +368,8 @@ def train(args: argparse.Namespace) -> None:
     build.build_folder(out, args.seed)
     processor = AutoProcessor.from_pretrained(out)
     # Eager attention returns the attention weights that --retrieval trains; it computes the same as "sdpa".
-    config = Idefics3Config.from_pretrained(out, attn_implementation="eager" if args.retrieval else None)
+    eager = args.retrieval or args.comparison
+    config = Idefics3Config.from_pretrained(out, attn_implementation="eager" if eager else None)
     model = Idefics3ForConditionalGeneration(config)
     init_vision(model, args.seed)
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}", flush=True)
@@ -395,17 +397,11 @@ def train(args: argparse.Namespace) -> None:
     found: list[float] = []
     step = 0
     while (progress := progress_at(step, args, time.time() - start)) < 1.0:
-        grown = len(optim.param_groups) > 1  # the added layers are the optimizer's second group
-        if args.grow_at is not None and progress >= args.grow_at and not grown:
-            added = deepen(model, args.grow_layers)
-            params += added
-            optim.add_param_group({"params": added})
-            print(f"step {step}: text model grown to {model.config.text_config.num_hidden_layers} layers", flush=True)
-        hard = args.hard if progress >= args.hard_at else 0.0
-        batch, targets = make_batch(processor, rng, args.batch, assistant, eos, args.turns, hard)
+        batch, targets = make_batch(processor, rng, args.batch, assistant, eos, args.turns, args.two_turns)
         for group in optim.param_groups:
             group["lr"] = lr_at(progress, step, args.lr, args.warmup)
-        loss, share = text_step(model, batch, params, optim, targets, args.retrieval)
+        weights = {RETRIEVAL_HEAD: args.retrieval, COMPARISON_HEAD: args.comparison}
+        loss, share = text_step(model, batch, params, optim, targets, weights)
         losses.append(loss)
         found.append(share)
         step += 1
@@ -433,10 +429,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=5e-4, help="stage 2 (the text model)")
     parser.add_argument("--vision-lr", type=float, default=1.5e-3, help="stage 1 (the vision tower)")
     parser.add_argument("--turns", type=int, default=6, help="extra questions per single-image conversation")
-    parser.add_argument("--hard", type=float, default=0.0, help="share of the extra questions made binding ones")
-    parser.add_argument("--hard-at", type=float, default=0.0, help="ask --hard binding questions from this progress on")
-    parser.add_argument("--grow-at", type=float, default=None, help="progress at which to deepen the text model")
-    parser.add_argument("--grow-layers", type=int, default=2, help="decoder layers --grow-at adds (identity at first)")
+    parser.add_argument(
+        "--comparison", type=float, default=0.0, help="weight of the loss teaching COMPARISON_HEAD the compared shapes"
+    )
+    parser.add_argument("--two-turns", type=int, default=0, help="most extra comparisons per two-image conversation")
     parser.add_argument(
         "--retrieval", type=float, default=0.3, help="weight of the loss teaching RETRIEVAL_HEAD the named objects"
     )

@@ -79,56 +79,25 @@ def test_edge_stem_filters_are_unit_edges_and_flat_colours() -> None:
     assert conv.bias is not None and not conv.bias.any()
 
 
-def test_a_run_that_grows_the_text_model_writes_a_deeper_model_idefix_loads(tmp_path: Path) -> None:
-    out = tmp_path / "model"
-    command = [sys.executable, str(ROOT / "demo" / "train.py"), "--steps", "4", "--vision-steps", "1", "--batch", "2"]
-    command += ["--grow-at", "0.5", "--grow-layers", "2", "--hard", "0.5", "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "step 2: text model grown to 5 layers" in result.stdout
-    model = load(str(out), progress=False)
-    assert model.model.config.text.num_hidden_layers == 5
-    answer = generate(Engine(model), [{"role": "user", "content": "What shape is shown?"}])
-    assert answer.usage.completion_tokens >= 1
+def test_two_image_conversations_get_more_comparisons_with_the_right_answers() -> None:
+    def scene(*shapes: str) -> scenes.Scene:
+        return scenes.Scene(96, 96, "white", None, tuple(scenes.Obj(s, "red", 1, 1, scenes.SIZES[0]) for s in shapes))
 
-
-def test_grown_layers_start_as_the_identity() -> None:
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
-
-    config = Idefics3Config.from_pretrained(ROOT / "idefix" / "demo" / "model")
-    model = Idefics3ForConditionalGeneration(config).eval()
-    ids = torch.tensor([[1, 5, 9, 13, 2]])
-    with torch.no_grad():
-        before = model(input_ids=ids).logits
-        added = train.deepen(model, 2)
-        after = model(input_ids=ids).logits
-    assert len(model.model.text_model.layers) == config.text_config.num_hidden_layers == 5
-    assert added and all(p.requires_grad for p in added)
-    assert torch.equal(before, after)
-
-
-def test_hard_turns_ask_binding_questions_with_the_right_answers() -> None:
-    objects = (
-        scenes.Obj("circle", "red", 0, 0, scenes.SIZES[1]),
-        scenes.Obj("square", "green", 0, 2, scenes.SIZES[1]),
-        scenes.Obj("circle", "green", 2, 2, scenes.SIZES[0]),
-    )
-    scene = scenes.Scene(128, 128, "white", None, objects)
-    present = {(o.colour, o.shape) for o in objects}
+    # Circles 2 vs 1 (the question asked), squares 0 vs 2, stars 1 vs 0, crosses 1 vs 1 (no winner: never asked).
+    pair = (scene("circle", "circle", "star", "cross"), scene("circle", "square", "square", "cross"))
     rng = random.Random(0)
-    turns = [t for t in (train.hard_turn(rng, scene) for _ in range(300)) if t]
-    assert len(turns) > 200
-    for question, answer in turns:
-        if question.startswith("Is there a "):
-            colour, shape = question.removeprefix("Is there a ").rstrip("?").split()
-            assert answer == ("yes" if (colour, shape) in present else "no")
-        else:
-            colour, shape = question.removeprefix("Where is the ").rstrip("?").split()
-            (obj,) = [o for o in objects if (o.colour, o.shape) == (colour, shape)]
-            assert answer == scenes.position_name(obj)
-    # Every "no" is a case a shape-only reader gets wrong: it names a shape drawn in the scene, in another colour.
-    noes = [q for q, a in turns if a == "no"]
-    assert noes and all(q.endswith(("circle?", "square?")) for q in noes)
+    asked = [dict(train.comparison_turns(rng, pair, "circle", 3)) for _ in range(20)]
+    assert all(
+        turns == {"Which image has more squares?": "the second", "Which image has more stars?": "the first"}
+        for turns in asked
+    )
+    assert {len(train.comparison_turns(rng, pair, "circle", 1)) for _ in range(20)} == {1}
+    # Through training_example: the asked comparison first, then up to two more, none repeated.
+    for _ in range(50):
+        example = train.training_example(rng, ["two_image"], 6, 2)
+        questions = [q for q, _ in example.turns]
+        assert 1 <= len(questions) <= 3 and len(set(questions)) == len(questions)
+        assert all(q.startswith("Which image has more ") for q in questions)
 
 
 def test_retrieval_check_reads_the_global_tile_at_the_named_objects_token() -> None:
@@ -173,21 +142,30 @@ def test_retrieval_targets_point_each_answer_at_the_tokens_of_the_objects_it_nam
     answers = train.answer_mask(
         ids, tok.encode("Assistant:", add_special_tokens=False), tok.convert_tokens_to_ids("<end_of_utterance>")
     )
-    targets = train.retrieval_targets(ids, answers, examples, processor.image_token_id, train.colour_tokens(tok))
-    global_tile = (ids[0] == processor.image_token_id).nonzero().flatten()[-16:]
+    marker = tok.convert_tokens_to_ids("<global-img>")
+    targets = train.retrieval_targets(ids, answers, examples, marker, train.colour_tokens(tok))
+    image = (ids == processor.image_token_id).nonzero().tolist()
+    # An image's global tile is its last 16 image tokens; row 1 shows the same image twice.
+    tokens = {b: [i for row, i in image if row == b] for b in (0, 1)}
+    half = len(tokens[1]) // 2
+    first, second, alone = tokens[1][half - 16 : half], tokens[1][-16:], tokens[0][-16:]
     # The position answer, the description's two objects (at their colour words) and the circle's colour; not
-    # the "no", the count, nor the two-image question.
-    expected = [(" bottom", 12), (" blue", 3), (" red", 12), (" blue", 3)]
-    assert [(tok.decode(ids[b, query + 1]), keys.tolist()) for b, query, keys in targets] == [
-        (word, [int(global_tile[token])]) for word, token in expected
-    ]
-    assert all(b == 0 for b, _, _ in targets)
+    # the "no" nor the count.
+    expected = [(" bottom", [alone[12]]), (" blue", [alone[3]]), (" red", [alone[12]]), (" blue", [alone[3]])]
+    assert [(tok.decode(ids[b, query + 1]), keys.tolist()) for b, _, query, keys in targets if b == 0] == expected
+    assert all(head == train.RETRIEVAL_HEAD for b, head, _, _ in targets if b == 0)
+    # The comparison names the star in both images' global tiles, from the position that writes "first".
+    ((b, head, query, keys),) = [t for t in targets if t[0] == 1]
+    assert head == train.COMPARISON_HEAD
+    assert tok.decode(ids[1, query + 1]) == " first"
+    assert keys.tolist() == [first[12], second[12]]
 
 
 def test_a_run_on_a_trained_tower_with_the_retrieval_loss_writes_a_model_idefix_loads(tmp_path: Path) -> None:
     out = tmp_path / "model"
     command = [sys.executable, str(ROOT / "demo" / "train.py"), "--steps", "3", "--batch", "4", "--log-every", "1"]
     command += ["--tower", str(ROOT / "idefix" / "demo" / "model"), "--retrieval", "0.3", "--out", str(out)]
+    command += ["--comparison", "0.3", "--two-turns", "2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "stage 1 skipped" in result.stdout and '"vision_steps": 0, "steps": 3' in result.stdout
