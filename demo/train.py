@@ -117,6 +117,12 @@ def global_tiles(row: torch.Tensor, marker: int) -> list[torch.Tensor]:
     return [start + 1 + torch.arange(build.IMAGE_SEQ_LEN) for start in (row == marker).nonzero().flatten()]
 
 
+def compared_shape(question: str) -> str:
+    """The shape a two-image question compares: "circle" for "Which image has more circles?"."""
+    plural = question.removeprefix("Which image has more ").removesuffix("?")
+    return next(shape for shape, name in scenes.PLURALS.items() if name == plural)
+
+
 def retrieval_targets(
     input_ids: torch.Tensor, answers: torch.Tensor, examples: list[scenes.Example], marker: int, colours: set[int]
 ) -> list[tuple[int, tuple[int, int], int, torch.Tensor]]:
@@ -127,7 +133,6 @@ def retrieval_targets(
     COMPARISON_HEAD. A description gets one per object instead: the position that writes its colour word (one of
     the token ids `colours`) and its token."""
     side = math.isqrt(build.IMAGE_SEQ_LEN)
-    singular = {plural: shape for shape, plural in scenes.PLURALS.items()}
     targets = []
     for b, example in enumerate(examples):
         tiles = global_tiles(input_ids[b], marker)
@@ -136,7 +141,7 @@ def retrieval_targets(
         spans = list(zip(*(x.nonzero().flatten().tolist() for x in (edges == 1, edges == -1)), strict=True))
         if len(example.scenes) == 2:
             for (question, _), (start, _) in zip(example.turns, spans, strict=True):
-                shape = singular[question.removeprefix("Which image has more ").removesuffix("?")]
+                shape = compared_shape(question)
                 keys = [
                     int(tile[probe.centre_token(o, side)])
                     for tile, scene in zip(tiles, example.scenes, strict=True)
@@ -181,8 +186,7 @@ def training_example(rng: random.Random, kinds: list[str], turns: int, two_turns
     example = scenes.make_example(rng, kind)
     if kind == "two_image" and two_turns:
         ((question, _),) = example.turns
-        asked = next(s for s, plural in scenes.PLURALS.items() if question == f"Which image has more {plural}?")
-        extra_two = comparison_turns(rng, example.scenes, asked, two_turns)
+        extra_two = comparison_turns(rng, example.scenes, compared_shape(question), two_turns)
         example = scenes.Example(kind, example.scenes, example.turns + tuple(extra_two))
     if kind in scenes.KINDS and turns:
         extra = [scenes.extra_turn(rng, example.scenes[0]) for _ in range(turns)]
@@ -307,13 +311,14 @@ def text_step(
     weight in `weights`, the loss adds that weight x the mean over its targets (retrieval_targets) of -log of the
     attention it puts on the target's keys (the model must run eager attention). Returns the answer loss and the
     mean of those attentions (0 without targets)."""
-    heads = {h: [t for t in targets or [] if t[1] == h] for h, w in (weights or {}).items() if w}
+    weights = weights or {}
+    heads = {h: [t for t in targets or [] if t[1] == h] for h, w in weights.items() if w}
     out = model(**batch, output_attentions=any(heads.values()))
     loss, shares = out.loss, []
     for (layer, head), chosen in heads.items():
         if chosen:
             found = torch.stack([out.attentions[layer][b, head, query, keys].sum() for b, _, query, keys in chosen])
-            loss = loss - (weights or {})[layer, head] * (found + 1e-6).log().mean()
+            loss = loss - weights[layer, head] * (found + 1e-6).log().mean()
             shares.append(found)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
