@@ -50,8 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # names; layer 1 is the first whose queries can already hold the question's words, and one layer is left after it.
 RETRIEVAL_HEAD = (1, 0)
 # The head that `--comparison` teaches to attend from a two-image question's answer to every object of the compared
-# shape in both images. It is in the other key group (2 key heads for 4): trained on head 0, comparing by shape
-# alone taught that head to find objects by shape, and "Is there a red star?" was answered from any star.
+# shape in both images: in the other key group (2 key heads for 4), so as not to teach RETRIEVAL_HEAD's keys to
+# find objects by shape alone (with the comparisons on head 0, "Is there a red star?" was answered from any star;
+# whether that head was the cause is not settled: idefix/demo/model/README.md).
 COMPARISON_HEAD = (1, 2)
 # Counting and comparing are the hardest skills for a tiny model, so they get more of the data.
 KIND_WEIGHTS = {
