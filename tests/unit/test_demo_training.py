@@ -180,3 +180,25 @@ def test_a_run_on_a_trained_tower_with_the_retrieval_loss_writes_a_model_idefix_
         assert torch.equal(value, trained[name])
     answer = generate(Engine(load(str(out), progress=False)), [{"role": "user", "content": "What shape is shown?"}])
     assert answer.usage.completion_tokens >= 1
+
+
+def test_text_step_supervises_each_head_on_its_own_targets_only() -> None:
+    model_dir = ROOT / "idefix" / "demo" / "model"
+    processor = AutoProcessor.from_pretrained(model_dir)
+    tok = processor.tokenizer
+    assistant, eos = tok.encode("Assistant:", add_special_tokens=False), tok.convert_tokens_to_ids("<end_of_utterance>")
+    rng = random.Random(0)
+    while True:  # a batch of two-image conversations: comparison targets only
+        batch, targets = train.make_batch(processor, rng, 2, assistant, eos, 1, 2)
+        if targets and all(head == train.COMPARISON_HEAD for _, head, _, _ in targets):
+            break
+    model = Idefics3ForConditionalGeneration.from_pretrained(model_dir, attn_implementation="eager")
+    with torch.no_grad():
+        attention = model(**batch, output_attentions=True).attentions
+    layer, head = train.COMPARISON_HEAD
+    expected = torch.stack([attention[layer][b, head, q, keys].sum() for b, _, q, keys in targets]).mean().item()
+    params, optim = train.text_optimizer(model, 0.0)  # a zero rate: the step leaves the weights as they were
+    _, share = train.text_step(model, batch, params, optim, targets, {train.RETRIEVAL_HEAD: 0.3})
+    assert share == 0.0  # no target is RETRIEVAL_HEAD's
+    _, share = train.text_step(model, batch, params, optim, targets, {train.COMPARISON_HEAD: 0.3})
+    assert abs(share - expected) < 1e-5
