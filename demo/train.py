@@ -373,9 +373,7 @@ def train(args: argparse.Namespace) -> None:
     out = Path(args.out)
     build.build_folder(out, args.seed)
     processor = AutoProcessor.from_pretrained(out)
-    # Eager attention returns the attention weights that --retrieval trains; it computes the same as "sdpa".
-    eager = args.retrieval or args.comparison
-    config = Idefics3Config.from_pretrained(out, attn_implementation="eager" if eager else None)
+    config = Idefics3Config.from_pretrained(out)
     model = Idefics3ForConditionalGeneration(config)
     init_vision(model, args.seed)
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}", flush=True)
@@ -397,6 +395,10 @@ def train(args: argparse.Namespace) -> None:
     # it never learned the questions that bind a colour to a shape (presence, colour of a shape, position
     # stayed at chance after 235k conversations, measured); at 5e-4 they came within 100k.
     params, optim = text_optimizer(model, args.lr)
+    if args.retrieval or args.comparison:
+        # Eager attention returns the attention weights that the attention losses train (it computes the same as
+        # "sdpa"); the tower keeps "sdpa", as stage 1 trained the shipped one (eager there changes its rounding).
+        model.model.text_model.set_attn_implementation("eager")
     # Its own data stream, so that stage 2 on a --tower from stage 1 of the same command is that command's.
     rng = random.Random(args.seed + 1)
     losses: list[float] = []
