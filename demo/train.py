@@ -118,12 +118,6 @@ def global_tiles(row: torch.Tensor, marker: int) -> list[torch.Tensor]:
     return [start + 1 + torch.arange(build.IMAGE_SEQ_LEN) for start in (row == marker).nonzero().flatten()]
 
 
-def compared_shape(question: str) -> str:
-    """The shape a two-image question compares: "circle" for "Which image has more circles?"."""
-    plural = question.removeprefix("Which image has more ").removesuffix("?")
-    return next(shape for shape, name in scenes.PLURALS.items() if name == plural)
-
-
 def retrieval_targets(
     input_ids: torch.Tensor, answers: torch.Tensor, examples: list[scenes.Example], marker: int, colours: set[int]
 ) -> list[tuple[int, tuple[int, int], int, torch.Tensor]]:
@@ -142,7 +136,7 @@ def retrieval_targets(
         spans = list(zip(*(x.nonzero().flatten().tolist() for x in (edges == 1, edges == -1)), strict=True))
         if len(example.scenes) == 2:
             for (question, _), (start, _) in zip(example.turns, spans, strict=True):
-                shape = compared_shape(question)
+                shape = scenes.compared_shape(question)
                 keys = [
                     int(tile[probe.centre_token(o, side)])
                     for tile, scene in zip(tiles, example.scenes, strict=True)
@@ -170,13 +164,7 @@ def comparison_turns(
     """Up to `turns` more "Which image has more ...?" questions about `pair`, on shapes other than `asked` whose
     counts differ between the two images."""
     shapes = [s for s in scenes.SHAPES if s != asked and pair[0].count(s) != pair[1].count(s)]
-    return [
-        (
-            f"Which image has more {scenes.PLURALS[s]}?",
-            "the first" if pair[0].count(s) > pair[1].count(s) else "the second",
-        )
-        for s in rng.sample(shapes, min(turns, len(shapes)))
-    ]
+    return [scenes.comparison(pair, s) for s in rng.sample(shapes, min(turns, len(shapes)))]
 
 
 def training_example(rng: random.Random, kinds: list[str], turns: int, two_turns: int) -> scenes.Example:
@@ -187,7 +175,7 @@ def training_example(rng: random.Random, kinds: list[str], turns: int, two_turns
     example = scenes.make_example(rng, kind)
     if kind == "two_image" and two_turns:
         ((question, _),) = example.turns
-        extra_two = comparison_turns(rng, example.scenes, compared_shape(question), two_turns)
+        extra_two = comparison_turns(rng, example.scenes, scenes.compared_shape(question), two_turns)
         example = scenes.Example(kind, example.scenes, example.turns + tuple(extra_two))
     if kind in scenes.KINDS and turns:
         extra = [scenes.extra_turn(rng, example.scenes[0]) for _ in range(turns)]
@@ -401,6 +389,7 @@ def train(args: argparse.Namespace) -> None:
         model.model.text_model.set_attn_implementation("eager")
     # Its own data stream, so that stage 2 on a --tower from stage 1 of the same command is that command's.
     rng = random.Random(args.seed + 1)
+    weights = {RETRIEVAL_HEAD: args.retrieval, COMPARISON_HEAD: args.comparison}
     losses: list[float] = []
     found: list[float] = []
     step = 0
@@ -408,7 +397,6 @@ def train(args: argparse.Namespace) -> None:
         batch, targets = make_batch(processor, rng, args.batch, assistant, eos, args.turns, args.two_turns)
         for group in optim.param_groups:
             group["lr"] = lr_at(progress, step, args.lr, args.warmup)
-        weights = {RETRIEVAL_HEAD: args.retrieval, COMPARISON_HEAD: args.comparison}
         loss, share = text_step(model, batch, params, optim, targets, weights)
         losses.append(loss)
         found.append(share)

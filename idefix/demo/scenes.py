@@ -242,13 +242,24 @@ def single_turn(rng: random.Random, kind: str) -> tuple[Scene, tuple[str, str]]:
     return makers[kind](rng)
 
 
+def comparison(pair: tuple[Scene, ...], shape: str) -> tuple[str, str]:
+    """The question "Which image has more circles?" about two scenes whose counts of `shape` differ, and its answer."""
+    answer = "the first" if pair[0].count(shape) > pair[1].count(shape) else "the second"
+    return f"Which image has more {PLURALS[shape]}?", answer
+
+
+def compared_shape(question: str) -> str:
+    """The shape a `comparison` question compares: "circle" for "Which image has more circles?"."""
+    plural = question.removeprefix("Which image has more ").removesuffix("?")
+    return next(shape for shape, name in PLURALS.items() if name == plural)
+
+
 def two_image(rng: random.Random) -> Example:
     """Two scenes whose counts of one shape differ; the answer names the image with more."""
     target = rng.choice(SHAPES)
     first, second = rng.sample(range(5), 2)
     scenes = tuple(random_scene(rng, _shapes_with(rng, target, n, rng.randint(max(n, 1), 5))) for n in (first, second))
-    answer = "the first" if first > second else "the second"
-    return Example("two_image", scenes, ((f"Which image has more {PLURALS[target]}?", answer),))
+    return Example("two_image", scenes, (comparison(scenes, target),))
 
 
 def multi_turn(rng: random.Random) -> Example:
